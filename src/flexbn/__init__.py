@@ -1,0 +1,16 @@
+"""flexbn: batch normalization whose statistics you control.
+
+A drop-in for ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.functional.batch_norm`` that makes explicit, and
+lets you choose, whether gradients flow through the batch mean and variance.
+
+>>> import torch, flexbn
+>>> bn = flexbn.BatchNorm2d(16, detach_mean=True)   # like torch.nn.BatchNorm2d(16), mean detached
+>>> bn(torch.randn(4, 16, 8, 8)).shape
+torch.Size([4, 16, 8, 8])
+"""
+
+from .functional import batch_norm
+from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "__version__", "batch_norm"]
+__version__ = "0.1.0"

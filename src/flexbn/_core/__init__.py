@@ -1,0 +1,49 @@
+"""The core every public entry point composes: moments over S -> normalize -> update running stats (P).
+
+Arguments reaching here are already validated (``flexbn.functional``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import stats
+from .autograd import BatchNormFunction
+
+__all__ = ["batch_norm"]
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    use_batch_stats: bool,
+    momentum: float | Tensor,
+    eps: float,
+    detach_mean: bool,
+    detach_var: bool,
+) -> Tensor:
+    """Normalize ``x`` with batch statistics (updating the running ones if given) or with running ones."""
+    cdt = stats.compute_dtype(x.dtype)
+    if x.numel() == 0:
+        # Empty batch: nothing to take statistics over and nothing to update (torch's behaviour); the output
+        # keeps the input's shape and the gradient chain.
+        c = x.shape[1]
+        zeros, ones = x.new_zeros(c, dtype=cdt), x.new_ones(c, dtype=cdt)
+        return BatchNormFunction.apply(x, weight, bias, zeros, ones, eps, False, False)
+    with torch.no_grad():
+        if use_batch_stats:
+            mean, var = stats.moments(x)
+            if running_mean is not None and running_var is not None:
+                stats.update_running_stats(
+                    running_mean, running_var, mean, var, stats.count_per_channel(x), momentum
+                )
+            grad_mean, grad_var = not detach_mean, not detach_var
+        else:
+            mean, var = running_mean.to(cdt), running_var.to(cdt)  # type: ignore[union-attr]
+            grad_mean = grad_var = False
+        invstd = stats.invstd(var, eps)
+    return BatchNormFunction.apply(x, weight, bias, mean, invstd, eps, grad_mean, grad_var)

@@ -1,0 +1,175 @@
+"""The functional API: argument checking, then the core.
+
+``flexbn.batch_norm`` takes the positional arguments of ``torch.nn.functional.batch_norm`` and behaves
+identically at default options -- values, gradients, the in-place update of the running buffers, and the
+exceptions raised for bad input -- and adds keyword-only options that choose where gradient flows.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+
+import torch
+from torch import Tensor
+
+from . import _core
+
+__all__ = ["batch_norm"]
+
+_FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_TORCH_DTYPE_NAMES = {
+    torch.int8: "Char",
+    torch.uint8: "Byte",
+    torch.int16: "Short",
+    torch.int32: "Int",
+    torch.int64: "Long",
+    torch.bool: "Bool",
+    torch.complex64: "ComplexFloat",
+    torch.complex128: "ComplexDouble",
+}
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    training: bool = False,
+    momentum: float | Tensor = 0.1,
+    eps: float = 1e-5,
+    *,
+    detach_mean: bool = False,
+    detach_var: bool = False,
+) -> Tensor:
+    r"""Batch normalization with a choice of gradient flow through the batch statistics.
+
+    Per channel ``c`` (dimension 1), over all other dimensions:
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias``. In training the batch mean and biased variance are
+    used, and ``running_mean`` / ``running_var`` (if given) are updated in place with
+    ``running = (1 - momentum) * running + momentum * batch`` (the unbiased variance is stored). In eval
+    (``training=False``) the running statistics are used and must be given.
+
+    Args:
+        input: ``(N, C, *)`` floating tensor; float16/bfloat16 input may come with float32 parameters and
+            statistics (the output keeps the input's dtype and memory format).
+        running_mean, running_var: ``(C,)`` buffers or ``None`` (only in training).
+        weight, bias: optional ``(C,)`` affine parameters.
+        training: use (and track) batch statistics.
+        momentum: factor of the running-statistics update; a float or a 0-d tensor.
+        eps: added to the variance inside the square root; must be positive in training.
+        detach_mean: no gradient through the batch mean -- exactly ``input.mean(dims).detach()``.
+        detach_var: no gradient through the batch variance -- exactly
+            ``input.var(dims, unbiased=False).detach()``.
+
+    Both detach flags only matter in training (eval statistics are constants). With both ``False`` this is
+    ``torch.nn.functional.batch_norm``: gradients flow through both statistics.
+
+    Raises:
+        ValueError, RuntimeError, TypeError, NotImplementedError: as
+            ``torch.nn.functional.batch_norm`` for the same bad input (wrong sizes, one value per channel in
+            training, ``eps <= 0`` in training, mismatched dtypes); ``ValueError`` for input with fewer than
+            2 dimensions (torch raises an ``IndexError``) and ``TypeError`` for non-bool detach flags.
+
+    Example:
+        >>> import torch, flexbn
+        >>> x = torch.randn(8, 3, 5, requires_grad=True)
+        >>> y = flexbn.batch_norm(x, None, None, training=True, detach_mean=True, detach_var=True)
+        >>> mean = x.mean((0, 2), keepdim=True).detach()
+        >>> var = x.var((0, 2), unbiased=False, keepdim=True).detach()
+        >>> torch.allclose(y, (x - mean) / torch.sqrt(var + 1e-5), atol=1e-6)
+        True
+    """
+    check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    _check_flag("detach_mean", detach_mean)
+    _check_flag("detach_var", detach_var)
+    return _core.batch_norm(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        bool(training),
+        momentum,
+        float(eps),
+        detach_mean,
+        detach_var,
+    )
+
+
+def _check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, but got {type(value).__name__} ({value!r})")
+
+
+def check_inputs(
+    input: object,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: object,
+    eps: object,
+) -> None:
+    """Validate the torch-compatible arguments, raising what ``torch.nn.functional.batch_norm`` raises."""
+    if not isinstance(input, Tensor):
+        raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
+    if input.dtype not in _FLOATING:
+        name = _TORCH_DTYPE_NAMES.get(input.dtype, str(input.dtype))
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{name}'")
+    if input.dim() < 2:
+        raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+    if not isinstance(momentum, (Real, Tensor)) or isinstance(momentum, bool):
+        raise TypeError(
+            f"batch_norm(): argument 'momentum' must be float, not {type(momentum).__name__}"
+        )
+    if not isinstance(eps, Real) or isinstance(eps, bool) or math.isnan(eps):
+        raise TypeError(f"batch_norm(): argument 'eps' must be float, not {eps!r}")
+    if training:
+        size = input.size()
+        if math.prod(size[:1] + size[2:]) == 1:
+            raise ValueError(
+                f"Expected more than 1 value per channel when training, got input size {size}"
+            )
+        if eps <= 0.0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if input.numel() == 0:
+        return  # torch returns before any per-channel check for an empty input
+    channels = input.shape[1]
+    named = (
+        ("running_mean", running_mean),
+        ("running_var", running_var),
+        ("weight", weight),
+        ("bias", bias),
+    )
+    for name, t in named:
+        if t is not None and t.numel() != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+    for name, t in named[:2]:
+        if t is not None and t.requires_grad:
+            raise RuntimeError(
+                f"batch_norm is not differentiable with respect to argument '{name}'. "
+                "This input cannot have requires_grad True."
+            )
+    param_dtype = next((t.dtype for _, t in named if t is not None), None)
+    allowed = {input.dtype}
+    if input.dtype in (torch.float16, torch.bfloat16) and param_dtype == torch.float32:
+        allowed = {
+            torch.float32
+        }  # mixed precision: reduced input, float32 parameters and statistics
+    for name, t in named:
+        if t is not None and t.dtype not in allowed:
+            raise RuntimeError(
+                f"mixed dtype: {name} has dtype {t.dtype}, expected "
+                f"{' or '.join(sorted(str(d) for d in allowed))} for input of dtype {input.dtype} "
+                "(parameters and running statistics share the input's dtype, or are float32 for "
+                "float16/bfloat16 input)"
+            )
