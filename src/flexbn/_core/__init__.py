@@ -33,17 +33,18 @@ def batch_norm(
         # keeps the input's shape and the gradient chain.
         c = x.shape[1]
         zeros, ones = x.new_zeros(c, dtype=cdt), x.new_ones(c, dtype=cdt)
-        return BatchNormFunction.apply(x, weight, bias, zeros, ones, eps, False, False)
+        return BatchNormFunction.apply(x, weight, bias, zeros, None, ones, eps, False, False)
     with torch.no_grad():
         if use_batch_stats:
-            mean, var = stats.moments(x)
+            m = stats.moments(x)
+            shift, delta, var = m
             if running_mean is not None and running_var is not None:
-                stats.update_running_stats(
-                    running_mean, running_var, mean, var, stats.count_per_channel(x), momentum
-                )
+                count = stats.count_per_channel(x)
+                stats.update_running_stats(running_mean, running_var, m.mean, var, count, momentum)
             grad_mean, grad_var = not detach_mean, not detach_var
-        else:
-            mean, var = running_mean.to(cdt), running_var.to(cdt)  # type: ignore[union-attr]
+        else:  # running statistics, checked to be present by the caller
+            shift, delta = running_mean.to(cdt), None  # type: ignore[union-attr]
+            var = running_var.to(cdt)  # type: ignore[union-attr]
             grad_mean = grad_var = False
         invstd = stats.invstd(var, eps)
-    return BatchNormFunction.apply(x, weight, bias, mean, invstd, eps, grad_mean, grad_var)
+    return BatchNormFunction.apply(x, weight, bias, shift, delta, invstd, eps, grad_mean, grad_var)

@@ -46,19 +46,26 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 def normalize(
-    x: Tensor, weight: Tensor | None, bias: Tensor | None, mean: Tensor, invstd: Tensor
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    shift: Tensor,
+    delta: Tensor | None,
+    invstd: Tensor,
 ) -> Tensor:
-    """``(x - mean) * (invstd * weight) + bias`` in the compute dtype, returned in ``x``'s dtype and layout.
+    """``(x - mean) * invstd * weight + bias`` with ``mean = shift + delta``, in ``x``'s dtype and layout.
 
-    Subtracting first keeps full precision when ``|mean| >> std``; the fused ``x * a + b`` form that torch's
-    CPU kernel uses cancels catastrophically there.
+    Computed as ``(x - shift) * scale + (bias - delta * scale)``: the subtraction comes first, so full
+    precision is kept when ``|mean| >> std`` (``stats`` module notes).
     """
     nd = x.dim()
     scale = invstd if weight is None else invstd * weight
-    y = stats.upcast(x) - stats.per_channel(mean, nd)
-    y = y * stats.per_channel(scale, nd)
+    offset = None if delta is None else -delta * scale
     if bias is not None:
-        y = y + stats.per_channel(bias, nd)
+        offset = bias if offset is None else offset + bias
+    y = (stats.upcast(x) - stats.per_channel(shift, nd)) * stats.per_channel(scale, nd)
+    if offset is not None:
+        y = y + stats.per_channel(offset, nd)
     return y.to(x.dtype)
 
 
@@ -66,7 +73,8 @@ def backward_formula(
     x: Tensor,
     grad_out: Tensor,
     weight: Tensor | None,
-    mean: Tensor,
+    shift: Tensor,
+    delta: Tensor | None,
     invstd: Tensor,
     *,
     grad_mean: bool,
@@ -76,25 +84,39 @@ def backward_formula(
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients ``(input, weight, bias)`` of :func:`normalize` with the statistics' gradient flags.
 
-    ``var_mean`` is the mean inside the variance (the variance's own centring); it equals ``mean`` in value and
-    differs from it only as a graph node, when the mean is detached but the variance is not.
+    ``var_mean`` is the mean inside the variance (the variance's own centring): it equals the mean in value
+    and differs from it only as a graph node, when building double-backward graphs with the mean detached
+    and the variance not. ``None`` means ``shift + delta``.
     """
     need_input, need_weight, need_bias = needs
     nd, dims = x.dim(), stats.reduce_dims(x)
     count = stats.count_per_channel(x)
     xa, g = stats.upcast(x), grad_out.to(stats.compute_dtype(x.dtype))
-    xmu = xa - stats.per_channel(mean, nd)
-    sum_g = g.sum(dims) if (need_bias or (need_input and grad_mean)) else None
-    sum_gxmu = (g * xmu).sum(dims) if (need_weight or (need_input and grad_var)) else None
+    xs = xa - stats.per_channel(shift, nd)  # x - mean, up to the per-channel delta
+    need_sum_gxmu = need_weight or (need_input and grad_var)
+    need_sum_g = need_bias or (need_input and grad_mean) or (need_sum_gxmu and delta is not None)
+    sum_g = g.sum(dims) if need_sum_g else None
+    sum_gxmu = None
+    if need_sum_gxmu:
+        sum_gxmu = (g * xs).sum(dims)
+        if delta is not None:
+            sum_gxmu = sum_gxmu - delta * sum_g
 
     grad_input = None
     if need_input:
-        term = g
-        if grad_mean:
-            term = term - stats.per_channel(sum_g / count, nd)
+        # term = g - [mean] sum_g / M - [var] (x - mean) * k, with per-channel parts folded into `const`
+        term, const = g, None
         if grad_var:
-            xmu_v = xmu if var_mean is None else xa - stats.per_channel(var_mean, nd)
-            term = term - xmu_v * stats.per_channel(invstd * invstd * sum_gxmu / count, nd)
+            k = invstd * invstd * sum_gxmu / count
+            if var_mean is None:
+                term = term - xs * stats.per_channel(k, nd)
+                const = None if delta is None else -delta * k
+            else:
+                term = term - (xa - stats.per_channel(var_mean, nd)) * stats.per_channel(k, nd)
+        if grad_mean:
+            const = sum_g / count if const is None else const + sum_g / count
+        if const is not None:
+            term = term - stats.per_channel(const, nd)
         scale = invstd if weight is None else invstd * weight
         grad_input = (term * stats.per_channel(scale, nd)).to(x.dtype)
         grad_input = grad_input.contiguous(memory_format=_memory_format(x))
@@ -113,37 +135,39 @@ class BatchNormFunction(torch.autograd.Function):
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
-        mean: Tensor,
+        shift: Tensor,
+        delta: Tensor | None,
         invstd: Tensor,
         eps: float,
         grad_mean: bool,
         grad_var: bool,
     ) -> Tensor:
-        return normalize(x, weight, bias, mean, invstd)
+        return normalize(x, weight, bias, shift, delta, invstd)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, weight, _bias, mean, invstd, eps, grad_mean, grad_var = inputs
-        ctx.save_for_backward(x, weight, mean, invstd)
+        x, weight, bias, shift, delta, invstd, eps, grad_mean, grad_var = inputs
+        ctx.save_for_backward(x, weight, shift, delta, invstd)
         ctx.eps, ctx.grad_mean, ctx.grad_var = eps, grad_mean, grad_var
-        ctx.bias_dtype = None if _bias is None else _bias.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, mean, invstd = ctx.saved_tensors
+        x, weight, shift, delta, invstd = ctx.saved_tensors
         grad_mean, grad_var = ctx.grad_mean, ctx.grad_var
         var_mean = None
         if torch.is_grad_enabled() and (grad_mean or grad_var):
             # Double backward: the statistics as differentiable functions of x, detached as configured.
-            m, v = stats.moments(x)
-            mean = m if grad_mean else m.detach()
-            invstd = stats.invstd(v if grad_var else v.detach(), ctx.eps)
-            var_mean = m
+            m = stats.moments(x)
+            mean = m.mean
+            shift, delta, var_mean = (mean if grad_mean else mean.detach()), None, mean
+            invstd = stats.invstd(m.var if grad_var else m.var.detach(), ctx.eps)
         gx, gw, gb = backward_formula(
             x,
             grad_out,
             weight,
-            mean,
+            shift,
+            delta,
             invstd,
             grad_mean=grad_mean,
             grad_var=grad_var,
@@ -152,4 +176,4 @@ class BatchNormFunction(torch.autograd.Function):
         )
         gw = None if gw is None else gw.to(weight.dtype)
         gb = None if gb is None else gb.to(ctx.bias_dtype)
-        return gx, gw, gb, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
