@@ -68,9 +68,11 @@ def batch_norm(
 
     Raises:
         ValueError, RuntimeError, TypeError, NotImplementedError: as
-            ``torch.nn.functional.batch_norm`` for the same bad input (wrong sizes, one value per channel in
-            training, ``eps <= 0`` in training, mismatched dtypes); ``ValueError`` for input with fewer than
-            2 dimensions (torch raises an ``IndexError``) and ``TypeError`` for non-bool detach flags.
+            ``torch.nn.functional.batch_norm`` for the same bad input, with the same messages (wrong sizes,
+            one value per channel in training, ``eps <= 0`` in training, missing running statistics in
+            eval); mismatched dtypes raise a ``RuntimeError`` naming the argument. Deliberate differences:
+            ``ValueError`` for input with fewer than 2 dimensions (torch raises an ``IndexError``), and
+            ``TypeError`` for non-bool detach flags.
 
     Example:
         >>> import torch, flexbn
@@ -90,7 +92,7 @@ def batch_norm(
         running_var,
         weight,
         bias,
-        bool(training),
+        training,
         momentum,
         float(eps),
         detach_mean,
@@ -109,38 +111,44 @@ def check_inputs(
     running_var: Tensor | None,
     weight: Tensor | None,
     bias: Tensor | None,
-    training: bool,
+    training: object,
     momentum: object,
     eps: object,
 ) -> None:
-    """Validate the torch-compatible arguments, raising what ``torch.nn.functional.batch_norm`` raises."""
+    """Validate the torch-compatible arguments: what ``torch.nn.functional.batch_norm`` raises, in its order.
+
+    torch checks in Python first (one value per channel, ``eps``), returns early for an empty input, then
+    checks each given tensor's size (and that eval mode has running statistics), then the pairing of the
+    running statistics, then dtypes.
+    """
     if not isinstance(input, Tensor):
-        raise TypeError(f"batch_norm(): input must be a Tensor, not {type(input).__name__}")
-    if input.dtype not in _FLOATING:
-        name = _TORCH_DTYPE_NAMES.get(input.dtype, str(input.dtype))
-        raise NotImplementedError(f"\"batch_norm\" not implemented for '{name}'")
+        raise TypeError(
+            f"batch_norm(): argument 'input' must be Tensor, not {type(input).__name__}"
+        )
+    if not isinstance(training, bool):
+        raise TypeError(
+            f"batch_norm(): argument 'training' (position 6) must be bool, not {type(training).__name__}"
+        )
+    if not isinstance(momentum, (Real, Tensor)):
+        raise TypeError(
+            "batch_norm(): argument 'momentum' (position 7) must be float, "
+            f"not {type(momentum).__name__}"
+        )
+    if not isinstance(eps, (Real, Tensor)):
+        raise TypeError(
+            f"batch_norm(): argument 'eps' (position 8) must be float, not {type(eps).__name__}"
+        )
     if input.dim() < 2:
         raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
-    if not isinstance(momentum, (Real, Tensor)) or isinstance(momentum, bool):
-        raise TypeError(
-            f"batch_norm(): argument 'momentum' must be float, not {type(momentum).__name__}"
+    size = input.size()
+    if training and math.prod(size[:1] + size[2:]) == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {size}"
         )
-    if not isinstance(eps, Real) or isinstance(eps, bool) or math.isnan(eps):
-        raise TypeError(f"batch_norm(): argument 'eps' must be float, not {eps!r}")
-    if training:
-        size = input.size()
-        if math.prod(size[:1] + size[2:]) == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size {size}"
-            )
-        if eps <= 0.0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
-    elif eps < 0.0:
+    if training and eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not training and eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must either both be None or neither be None")
-    if not training and running_mean is None:
-        raise RuntimeError("running_mean must be defined in evaluation mode")
     if input.numel() == 0:
         return  # torch returns before any per-channel check for an empty input
     channels = input.shape[1]
@@ -150,13 +158,20 @@ def check_inputs(
         ("weight", weight),
         ("bias", bias),
     )
-    for name, t in named:
+    for i, (name, t) in enumerate(named):
         if t is not None and t.numel() != channels:
             raise RuntimeError(f"{name} should contain {channels} elements not {t.numel()}")
+        if t is None and i < 2 and not training:
+            raise RuntimeError(f"{name} must be defined in evaluation mode")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if input.dtype not in _FLOATING:
+        name = _TORCH_DTYPE_NAMES.get(input.dtype, str(input.dtype))
+        raise NotImplementedError(f"\"batch_norm\" not implemented for '{name}'")
     for name, t in named[:2]:
         if t is not None and t.requires_grad:
             raise RuntimeError(
-                f"batch_norm is not differentiable with respect to argument '{name}'. "
+                f"The function 'batch_norm' is not differentiable with respect to argument '{name}'. "
                 "This input cannot have requires_grad True."
             )
     param_dtype = next((t.dtype for _, t in named if t is not None), None)

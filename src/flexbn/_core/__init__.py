@@ -27,13 +27,12 @@ def batch_norm(
     detach_var: bool,
 ) -> Tensor:
     """Normalize ``x`` with batch statistics (updating the running ones if given) or with running ones."""
-    cdt = stats.compute_dtype(x.dtype)
     if x.numel() == 0:
-        # Empty batch: nothing to take statistics over and nothing to update (torch's behaviour); the output
-        # keeps the input's shape and the gradient chain.
-        c = x.shape[1]
-        zeros, ones = x.new_zeros(c, dtype=cdt), x.new_ones(c, dtype=cdt)
-        return BatchNormFunction.apply(x, weight, bias, zeros, None, ones, eps, False, False)
+        # Empty batch: nothing to take statistics over and nothing to update. As torch, a fresh tensor of the
+        # input's shape that keeps the gradient chain (zero gradients for weight and bias).
+        y = x.clone() if weight is None else x * weight[0]
+        return y if bias is None else y + bias[0]
+    cdt = stats.compute_dtype(x.dtype)
     with torch.no_grad():
         if use_batch_stats:
             m = stats.moments(x)

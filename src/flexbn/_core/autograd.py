@@ -36,13 +36,13 @@ from . import stats
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.preserve_format
+    """The layout of torch's batch-norm output for ``x``: channels-last if ``x`` is, else contiguous."""
+    if not x.is_contiguous():
+        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+            return torch.channels_last
+        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+            return torch.channels_last_3d
+    return torch.contiguous_format
 
 
 def normalize(
@@ -66,7 +66,7 @@ def normalize(
     y = (stats.upcast(x) - stats.per_channel(shift, nd)) * stats.per_channel(scale, nd)
     if offset is not None:
         y = y + stats.per_channel(offset, nd)
-    return y.to(x.dtype)
+    return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
 
 
 def backward_formula(

@@ -17,8 +17,8 @@ Numerics, documented once here:
   ``sum(g * (x - mean))`` as ``sum(g * (x - shift)) - delta * sum(g)``.
 * The variance used for normalization is the biased one (divide by the count); the running variance stores
   the unbiased one (divide by count - 1), as torch does.
-* ``invstd = 1 / sqrt(var + eps)``, with ``eps`` inside the square root, and ``0`` where ``var + eps == 0``
-  (torch's ``InvStd``; only reachable in eval mode with ``eps=0``).
+* ``invstd = 1 / sqrt(var + eps)``, with ``eps`` inside the square root (``inf`` for a zero running variance
+  with ``eps=0`` in eval, as torch; training requires ``eps > 0``).
 """
 
 from __future__ import annotations
@@ -87,9 +87,8 @@ def moments(x: Tensor) -> Moments:
 
 
 def invstd(var: Tensor, eps: float) -> Tensor:
-    """``1 / sqrt(var + eps)``, and 0 where ``var + eps == 0`` (as torch's ``InvStd``)."""
-    denom = var + eps
-    return torch.where(denom == 0, torch.zeros_like(denom), torch.rsqrt(denom))
+    """``1 / sqrt(var + eps)``."""
+    return torch.rsqrt(var + eps)
 
 
 @torch.no_grad()

@@ -1,0 +1,80 @@
+"""Shared test helpers: one tolerance table, one comparison, a float64 reference, a fixed seed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+# (atol, rtol) per dtype of the tensor under test, for values of order 1. float16/bfloat16 allow about two
+# units in the last place of the output (bfloat16 has 8 significant bits, float16 11).
+TOL: dict[torch.dtype, tuple[float, float]] = {
+    torch.float64: (1e-10, 1e-10),
+    torch.float32: (1e-5, 1e-5),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 2e-2),
+}
+
+
+def assert_close(
+    actual: Tensor | None,
+    expected: Tensor | None,
+    *,
+    dtype: torch.dtype | None = None,
+    msg: str | None = None,
+) -> None:
+    """``actual`` equals ``expected`` within ``TOL[dtype]`` (default: ``actual``'s dtype).
+
+    ``None`` must match ``None``. Dtypes may differ (a float16 result against a float64 reference); check the
+    dtype separately where it matters.
+    """
+    if actual is None or expected is None:
+        assert actual is None, msg or f"expected None, got {actual!r}"
+        assert expected is None, msg or f"expected {expected!r}, got None"
+        return
+    atol, rtol = TOL[dtype or actual.dtype]
+    torch.testing.assert_close(
+        actual, expected, atol=atol, rtol=rtol, check_dtype=False, equal_nan=True, msg=msg
+    )
+
+
+def manual_batch_norm(
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    eps: float = 1e-5,
+    *,
+    mean: Tensor | None = None,
+    var: Tensor | None = None,
+    detach_mean: bool = False,
+    detach_var: bool = False,
+) -> Tensor:
+    """Batch norm written out in float64 (autograd flows through the batch statistics), in ``x``'s shape.
+
+    Batch statistics (biased variance) unless ``mean`` and ``var`` are given (eval mode). ``detach_mean`` /
+    ``detach_var`` are the hand compositions flexbn's options must equal: ``x.mean(dims).detach()`` and
+    ``x.var(dims, unbiased=False).detach()`` (each detached independently, to every derivative order).
+    """
+    xd = x.double()
+    dims = (0, *range(2, x.dim()))
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    if mean is None or var is None:
+        var, mean = torch.var_mean(xd, dims, correction=0, keepdim=True)
+        if detach_mean:
+            mean = mean.detach()
+        if detach_var:
+            var = var.detach()
+    else:
+        mean, var = mean.double().reshape(shape), var.double().reshape(shape)
+    y = (xd - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight.double().reshape(shape)
+    if bias is not None:
+        y = y + bias.double().reshape(shape)
+    return y
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same random state."""
+    torch.manual_seed(0)
