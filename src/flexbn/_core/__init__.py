@@ -35,7 +35,7 @@ def batch_norm(
     cdt = stats.compute_dtype(x.dtype)
     with torch.no_grad():
         if use_batch_stats:
-            m = stats.moments(x)
+            m = stats.moments(x.detach())  # detach: also drops forward-mode tangents
             shift, delta, var = m
             if running_mean is not None and running_var is not None:
                 count = stats.count_per_channel(x)

@@ -55,18 +55,62 @@ def normalize(
 ) -> Tensor:
     """``(x - mean) * invstd * weight + bias`` with ``mean = shift + delta``, in ``x``'s dtype and layout.
 
-    Computed as ``(x - shift) * scale + (bias - delta * scale)``: the subtraction comes first, so full
-    precision is kept when ``|mean| >> std`` (``stats`` module notes).
+    Computed as ``((x - shift) - delta) * scale + bias``: the subtractions come first, so full precision is
+    kept when ``|mean| >> std`` (``stats`` module notes), and a constant channel gives exactly ``bias``.
+    Not differentiable itself (in-place on its own temporary); :class:`BatchNormFunction` differentiates it.
     """
     nd = x.dim()
     scale = invstd if weight is None else invstd * weight
-    offset = None if delta is None else -delta * scale
+    y = stats.upcast(x) - stats.per_channel(shift, nd)
+    if delta is not None:
+        y.sub_(stats.per_channel(delta, nd))
+    y.mul_(stats.per_channel(scale, nd))
     if bias is not None:
-        offset = bias if offset is None else offset + bias
-    y = (stats.upcast(x) - stats.per_channel(shift, nd)) * stats.per_channel(scale, nd)
-    if offset is not None:
-        y = y + stats.per_channel(offset, nd)
+        y.add_(stats.per_channel(bias, nd))
     return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
+
+
+def jvp_formula(
+    x: Tensor,
+    x_t: Tensor | None,
+    weight: Tensor | None,
+    weight_t: Tensor | None,
+    bias_t: Tensor | None,
+    shift: Tensor,
+    delta: Tensor | None,
+    invstd: Tensor,
+    *,
+    grad_mean: bool,
+    grad_var: bool,
+) -> Tensor:
+    """Forward-mode derivative (tangent of the output) of :func:`normalize` with the statistics' flags.
+
+    With ``xmu = x - mean``, ``s = invstd`` and a tangent ``t`` of ``x``: the mean's tangent is
+    ``[grad_mean] mean(t)``, the invstd's ``-[grad_var] s^3 mean(xmu * t)``, so
+    ``dy = weight * s * (t - [grad_mean] mean(t) - [grad_var] xmu * s^2 * mean(xmu * t))
+    + xmu * s * dweight + dbias``.
+    """
+    nd, dims = x.dim(), stats.reduce_dims(x)
+    cdt = stats.compute_dtype(x.dtype)
+    xmu = stats.upcast(x) - stats.per_channel(shift, nd)
+    if delta is not None:
+        xmu = xmu - stats.per_channel(delta, nd)
+    out = torch.zeros((), dtype=cdt, device=x.device)
+    if x_t is not None:
+        t = x_t.to(cdt)
+        term = t
+        if grad_mean:
+            term = term - t.mean(dims, keepdim=True)
+        if grad_var:
+            k = invstd * invstd * (xmu * t).mean(dims)
+            term = term - xmu * stats.per_channel(k, nd)
+        scale = invstd if weight is None else invstd * weight
+        out = out + term * stats.per_channel(scale, nd)
+    if weight_t is not None:
+        out = out + xmu * stats.per_channel(invstd * weight_t, nd)
+    if bias_t is not None:
+        out = out + stats.per_channel(bias_t, nd)
+    return out.expand(x.shape).to(x.dtype).contiguous(memory_format=_memory_format(x))
 
 
 def backward_formula(
@@ -148,8 +192,28 @@ class BatchNormFunction(torch.autograd.Function):
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
         x, weight, bias, shift, delta, invstd, eps, grad_mean, grad_var = inputs
         ctx.save_for_backward(x, weight, shift, delta, invstd)
+        ctx.save_for_forward(x, weight, shift, delta, invstd)
         ctx.eps, ctx.grad_mean, ctx.grad_var = eps, grad_mean, grad_var
         ctx.bias_dtype = None if bias is None else bias.dtype
+
+    @staticmethod
+    def jvp(
+        ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None, *_: Any
+    ) -> Tensor:
+        # Tangents of the statistics arguments are ignored: the flags say how the statistics move with x.
+        x, weight, shift, delta, invstd = ctx.saved_tensors
+        return jvp_formula(
+            x,
+            x_t,
+            weight,
+            weight_t,
+            bias_t,
+            shift,
+            delta,
+            invstd,
+            grad_mean=ctx.grad_mean,
+            grad_var=ctx.grad_var,
+        )
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
