@@ -12,7 +12,7 @@ Numerics, documented once here:
   every memory layout, and its normalized output to ~1e-6 -- torch's CPU kernel is off by more than 10% in
   the variance for channels_last and ``(N, C)`` input there, and by ~1e-2 in the output in every layout
   (``docs/numerics.md``).
-* Consumers keep the pair: the output is ``(x - shift) * scale + (bias - delta * scale)`` -- never the fused
+* Consumers keep the pair: the output is ``((x - shift) - delta) * scale + bias`` -- never the fused
   ``x * a + b`` that cancels catastrophically when ``|mean| >> std`` -- and the backward forms
   ``sum(g * (x - mean))`` as ``sum(g * (x - shift)) - delta * sum(g)``.
 * The variance used for normalization is the biased one (divide by the count); the running variance stores
