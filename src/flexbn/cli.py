@@ -1,4 +1,4 @@
-"""The ``flexbn`` command line: ``flexbn lab`` runs the built-in experiments."""
+"""The ``flexbn`` command line. ``flexbn lab`` runs the built-in experiments."""
 
 from __future__ import annotations
 
@@ -7,19 +7,24 @@ import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``flexbn`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(prog="flexbn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     lab = sub.add_parser("lab", help="run the built-in experiments and print their conclusions")
     lab.add_argument(
-        "--seed", type=int, default=2809, help="random seed (default: 2809, as in origin.md)"
+        "--only", action="append", metavar="NAME", help="run only this experiment (repeatable)"
+    )
+    lab.add_argument(
+        "--seed", type=int, default=2809, help="random seed (default: 2809, origin.md's)"
+    )
+    lab.add_argument(
+        "--out", default="flexbn-lab", help="directory for report.md (default: ./flexbn-lab)"
     )
     args = parser.parse_args(argv)
-    if args.command == "lab":
-        from .lab import run
+    from .lab import run
 
-        return run(seed=args.seed)
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    return run(only=args.only, seed=args.seed, out=args.out)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())
