@@ -63,7 +63,11 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                factor = torch.reciprocal(self.num_batches_tracked.to(torch.float64))
+                # float64 where the statistics are (as torch's Python-float factor), else float32 (MPS has
+                # no float64); the update itself runs in the statistics' dtype either way.
+                double = self.running_mean is not None and self.running_mean.dtype == torch.float64
+                nbt = self.num_batches_tracked.to(torch.float64 if double else torch.float32)
+                factor = torch.reciprocal(nbt)
         return factor
 
     def forward(self, input: Tensor) -> Tensor:
