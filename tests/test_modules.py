@@ -109,6 +109,7 @@ def test_constructor_signature_extends_torch(name):
     assert [(n, k, d) for n, k, d in mod[len(ref) :]] == [
         ("detach_mean", inspect.Parameter.KEYWORD_ONLY, False),
         ("detach_var", inspect.Parameter.KEYWORD_ONLY, False),
+        ("virtual_batch_size", inspect.Parameter.KEYWORD_ONLY, None),
     ]
 
 

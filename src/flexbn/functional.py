@@ -7,6 +7,7 @@ exceptions raised for bad input -- and adds keyword-only options that choose whe
 
 from __future__ import annotations
 
+import itertools
 import math
 from numbers import Real
 
@@ -42,8 +43,11 @@ def batch_norm(
     *,
     detach_mean: bool = False,
     detach_var: bool = False,
+    groups: Tensor | None = None,
+    virtual_batch_size: int | None = None,
 ) -> Tensor:
-    r"""Batch normalization with a choice of gradient flow through the batch statistics.
+    r"""Batch normalization with a choice of gradient flow through the batch statistics and of the set they
+    are computed over.
 
     Per channel ``c`` (dimension 1), over all other dimensions:
     ``y = (x - mean) / sqrt(var + eps) * weight + bias``. In training the batch mean and biased variance are
@@ -62,6 +66,17 @@ def batch_norm(
         detach_mean: no gradient through the batch mean -- exactly ``input.mean(dims).detach()``.
         detach_var: no gradient through the batch variance -- exactly
             ``input.var(dims, unbiased=False).detach()``.
+        groups: ``(N,)`` integer tensor, a bag / segment id per sample (any ids, in any order, bags of any
+            size): statistics are computed per (bag, channel) and each sample is normalized with its bag's
+            (multiple-instance learning). Finding the distinct ids synchronises with the device once.
+        virtual_batch_size: ghost batch norm: statistics per chunk of consecutive samples. The batch is
+            split into ``N // virtual_batch_size`` chunks whose sizes differ by at most one (sample ``n`` is
+            in chunk ``n * G // N``), so every chunk has at least ``virtual_batch_size`` samples and never
+            one value per channel; ``N < virtual_batch_size`` is one chunk. Must be an int >= 2.
+
+    With ``groups`` or ``virtual_batch_size`` the running statistics are updated once per call with the mean
+    over segments of the segment means and of the unbiased segment variances (Keras' convention). Both
+    only select batch statistics: eval mode with running statistics normalizes every sample with those.
 
     Both detach flags only matter in training (eval statistics are constants). With both ``False`` this is
     ``torch.nn.functional.batch_norm``: gradients flow through both statistics.
@@ -86,6 +101,7 @@ def batch_norm(
     check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps)
     _check_flag("detach_mean", detach_mean)
     _check_flag("detach_var", detach_var)
+    seg = segments(input, groups, virtual_batch_size, training=training)
     return _core.batch_norm(
         input,
         running_mean,
@@ -97,7 +113,70 @@ def batch_norm(
         float(eps),
         detach_mean,
         detach_var,
+        seg,
     )
+
+
+def check_virtual_batch_size(value: object) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 2):
+        raise ValueError(f"virtual_batch_size must be None or an int >= 2, but got {value!r}")
+
+
+def segments(
+    input: Tensor,
+    groups: Tensor | None,
+    virtual_batch_size: int | None,
+    *,
+    training: bool,
+) -> _core.stats.Segments:
+    """The statistics set S as segments of the batch, validated. In training no segment may have a single
+    value per channel; out of training (running statistics) the segmentation is irrelevant: ``WHOLE``."""
+    check_virtual_batch_size(virtual_batch_size)
+    if groups is not None and virtual_batch_size is not None:
+        raise ValueError(
+            "groups and virtual_batch_size cannot be combined: both choose the samples the statistics "
+            "are taken over (pass one of them)"
+        )
+    n = input.shape[0]
+    if n == 0 or (groups is None and virtual_batch_size is None):
+        return _core.stats.WHOLE
+    spatial = input.numel() // (n * input.shape[1]) if input.shape[1] else 0
+    cdt = _core.stats.compute_dtype(input.dtype)
+    if virtual_batch_size is not None:
+        num = n // virtual_batch_size
+        if num <= 1 or not training:
+            return _core.stats.WHOLE
+        ids = torch.arange(n, device=input.device) * num // n
+        starts = [-(-g * n // num) for g in range(num + 1)]  # ceil(g * n / num): chunk g's first
+        sizes = [b - a for a, b in itertools.pairwise(starts)]
+        counts = torch.tensor(sizes, dtype=cdt, device=input.device).mul_(spatial).unsqueeze(1)
+        return _core.stats.Segments(ids, num, counts)
+    if not isinstance(groups, Tensor):
+        raise TypeError(f"groups must be a Tensor of segment ids, not {type(groups).__name__}")
+    if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
+        raise ValueError(
+            f"groups must be an integer tensor of segment ids, but got dtype {groups.dtype}"
+        )
+    if groups.shape != (n,):
+        raise ValueError(
+            f"groups must have shape (N,) = ({n},), one segment id per sample, but got shape "
+            f"{tuple(groups.shape)}"
+        )
+    if groups.device != input.device:
+        raise ValueError(f"groups is on {groups.device} but input is on {input.device}")
+    if not training:
+        return _core.stats.WHOLE
+    unique, ids, per_bag = torch.unique(groups, return_inverse=True, return_counts=True)
+    if spatial == 1 and bool((per_bag == 1).any()):
+        lonely = unique[per_bag == 1].tolist()
+        raise ValueError(
+            "Expected more than 1 value per channel when training in every group, but groups "
+            f"{lonely[:10]} have a single sample and input size {input.size()} has no spatial extent"
+        )
+    if unique.numel() == 1:
+        return _core.stats.WHOLE
+    counts = per_bag.to(cdt).mul_(spatial).unsqueeze(1)
+    return _core.stats.Segments(ids, unique.numel(), counts)
 
 
 def _check_flag(name: str, value: object) -> None:

@@ -23,6 +23,7 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     detach_mean: bool
     detach_var: bool
+    virtual_batch_size: int | None
 
     def __init__(
         self,
@@ -37,9 +38,11 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
         bias: bool = True,
         detach_mean: bool = False,
         detach_var: bool = False,
+        virtual_batch_size: int | None = None,
     ) -> None:
         F._check_flag("detach_mean", detach_mean)
         F._check_flag("detach_var", detach_var)
+        F.check_virtual_batch_size(virtual_batch_size)
         super().__init__(
             num_features,
             eps,
@@ -52,6 +55,7 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
         )
         self.detach_mean = detach_mean
         self.detach_var = detach_var
+        self.virtual_batch_size = virtual_batch_size
 
     def _momentum_factor(self) -> float | Tensor:
         """The factor of this step's running-statistics update; bumps ``num_batches_tracked`` in training.
@@ -70,7 +74,7 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
                 factor = torch.reciprocal(nbt)
         return factor
 
-    def forward(self, input: Tensor) -> Tensor:
+    def forward(self, input: Tensor, *, groups: Tensor | None = None) -> Tensor:
         self._check_input_dim(input)
         momentum = self._momentum_factor()
         # Batch statistics in training, and in eval when there are no running buffers (torch's rule).
@@ -87,6 +91,8 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.eps,
             detach_mean=self.detach_mean,
             detach_var=self.detach_var,
+            groups=groups,
+            virtual_batch_size=self.virtual_batch_size,
         )
 
     def extra_repr(self) -> str:
@@ -95,12 +101,15 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
             rep += ", detach_mean=True"
         if self.detach_var:
             rep += ", detach_var=True"
+        if self.virtual_batch_size is not None:
+            rep += f", virtual_batch_size={self.virtual_batch_size}"
         return rep
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("detach_mean", False)
         self.__dict__.setdefault("detach_var", False)
+        self.__dict__.setdefault("virtual_batch_size", None)
 
 
 _DOC = """Drop-in for :class:`torch.nn.{name}` with a choice of gradient flow through the batch statistics.
@@ -111,6 +120,11 @@ _DOC = """Drop-in for :class:`torch.nn.{name}` with a choice of gradient flow th
     Args:
         detach_mean: no gradient through the batch mean in training (``x.mean(dims).detach()``).
         detach_var: no gradient through the batch variance in training (``x.var(dims).detach()``).
+        virtual_batch_size: ghost batch norm: statistics per chunk of about this many consecutive samples
+            (see :func:`flexbn.batch_norm` for the chunking rule).
+
+    ``forward(input, *, groups=None)``: ``groups`` is an ``(N,)`` tensor of bag ids, for statistics per bag
+    (multiple-instance learning; often with ``track_running_stats=False``).
 
     Input: {shapes}. Output: the same shape, dtype and memory format.
 

@@ -25,6 +25,7 @@ def batch_norm(
     eps: float,
     detach_mean: bool,
     detach_var: bool,
+    seg: stats.Segments = stats.WHOLE,
 ) -> Tensor:
     """Normalize ``x`` with batch statistics (updating the running ones if given) or with running ones."""
     if x.numel() == 0:
@@ -35,15 +36,18 @@ def batch_norm(
     cdt = stats.compute_dtype(x.dtype)
     with torch.no_grad():
         if use_batch_stats:
-            m = stats.moments(x.detach())  # detach: also drops forward-mode tangents
+            m = stats.moments(x.detach(), seg)  # detach: also drops forward-mode tangents
             shift, delta, var = m
             if running_mean is not None and running_var is not None:
-                count = stats.count_per_channel(x)
+                count = seg.count(x)
                 stats.update_running_stats(running_mean, running_var, m.mean, var, count, momentum)
             grad_mean, grad_var = not detach_mean, not detach_var
         else:  # running statistics, checked to be present by the caller
             shift, delta = running_mean.to(cdt), None  # type: ignore[union-attr]
             var = running_var.to(cdt)  # type: ignore[union-attr]
             grad_mean = grad_var = False
+            seg = stats.WHOLE  # running statistics are per channel, whatever the segmentation
         invstd = stats.invstd(var, eps)
-    return BatchNormFunction.apply(x, weight, bias, shift, delta, invstd, eps, grad_mean, grad_var)
+    return BatchNormFunction.apply(
+        x, weight, bias, shift, delta, invstd, eps, grad_mean, grad_var, seg
+    )

@@ -10,14 +10,16 @@ purpose of differentiation -- the gradient axis G:
 * ``grad_mean``: gradient flows through the batch mean (``False`` = ``x.mean(dims).detach()``);
 * ``grad_var``:  gradient flows through the batch variance (``False`` = ``x.var(dims).detach()``).
 
-Both are ``False`` when the statistics are constants (running statistics in eval mode). With ``M`` the
-count per channel, ``g = dy``, ``xmu = x - mean`` and ``s = invstd``::
+Both are ``False`` when the statistics are constants (running statistics in eval mode). The statistics set
+is a segmentation of the batch (``stats.Segments``): one segment for the whole batch, or one per bag /
+ghost batch, each with its own statistics. With ``sum`` over an element's segment and channel, ``M`` that
+segment's count, ``g = dy``, ``xmu = x - mean`` and ``s = invstd``::
 
-    grad_bias   = sum(g)
-    grad_weight = sum(g * xmu) * s
+    grad_bias   = sum over segments of sum(g)
+    grad_weight = sum over segments of sum(g * xmu) * s
     grad_input  = weight * s * (g - [grad_mean] * sum(g) / M - [grad_var] * xmu * s^2 * sum(g * xmu) / M)
 
-Only ``x``, ``weight`` and the per-channel statistics are saved; nothing of the input's size.
+Only ``x``, ``weight`` and the per-segment statistics are saved; nothing of the input's size.
 
 Double backward: when the backward itself is differentiated (``create_graph=True``), the same formula is
 evaluated with autograd on, with the statistics recomputed from the saved ``x`` so that they are functions of
@@ -45,6 +47,10 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _scale(invstd: Tensor, weight: Tensor | None) -> Tensor:
+    return invstd if weight is None else invstd * weight
+
+
 def normalize(
     x: Tensor,
     weight: Tensor | None,
@@ -52,6 +58,7 @@ def normalize(
     shift: Tensor,
     delta: Tensor | None,
     invstd: Tensor,
+    seg: stats.Segments = stats.WHOLE,
 ) -> Tensor:
     """``(x - mean) * invstd * weight + bias`` with ``mean = shift + delta``, in ``x``'s dtype and layout.
 
@@ -60,11 +67,10 @@ def normalize(
     Not differentiable itself (in-place on its own temporary); :class:`BatchNormFunction` differentiates it.
     """
     nd = x.dim()
-    scale = invstd if weight is None else invstd * weight
-    y = stats.upcast(x) - stats.per_channel(shift, nd)
+    y = stats.upcast(x) - seg.expand(shift, nd)
     if delta is not None:
-        y.sub_(stats.per_channel(delta, nd))
-    y.mul_(stats.per_channel(scale, nd))
+        y.sub_(seg.expand(delta, nd))
+    y.mul_(seg.expand(_scale(invstd, weight), nd))
     if bias is not None:
         y.add_(stats.per_channel(bias, nd))
     return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
@@ -82,6 +88,7 @@ def jvp_formula(
     *,
     grad_mean: bool,
     grad_var: bool,
+    seg: stats.Segments = stats.WHOLE,
 ) -> Tensor:
     """Forward-mode derivative (tangent of the output) of :func:`normalize` with the statistics' flags.
 
@@ -90,24 +97,24 @@ def jvp_formula(
     ``dy = weight * s * (t - [grad_mean] mean(t) - [grad_var] xmu * s^2 * mean(xmu * t))
     + xmu * s * dweight + dbias``.
     """
-    nd, dims = x.dim(), stats.reduce_dims(x)
+    nd = x.dim()
     cdt = stats.compute_dtype(x.dtype)
-    xmu = stats.upcast(x) - stats.per_channel(shift, nd)
+    count = seg.count(x)
+    xmu = stats.upcast(x) - seg.expand(shift, nd)
     if delta is not None:
-        xmu = xmu - stats.per_channel(delta, nd)
+        xmu = xmu - seg.expand(delta, nd)
     out = torch.zeros((), dtype=cdt, device=x.device)
     if x_t is not None:
         t = x_t.to(cdt)
         term = t
         if grad_mean:
-            term = term - t.mean(dims, keepdim=True)
+            term = term - seg.expand(seg.reduce(t) / count, nd)
         if grad_var:
-            k = invstd * invstd * (xmu * t).mean(dims)
-            term = term - xmu * stats.per_channel(k, nd)
-        scale = invstd if weight is None else invstd * weight
-        out = out + term * stats.per_channel(scale, nd)
+            k = invstd * invstd * seg.reduce(xmu * t) / count
+            term = term - xmu * seg.expand(k, nd)
+        out = out + term * seg.expand(_scale(invstd, weight), nd)
     if weight_t is not None:
-        out = out + xmu * stats.per_channel(invstd * weight_t, nd)
+        out = out + xmu * seg.expand(invstd, nd) * stats.per_channel(weight_t, nd)
     if bias_t is not None:
         out = out + stats.per_channel(bias_t, nd)
     return out.expand(x.shape).to(x.dtype).contiguous(memory_format=_memory_format(x))
@@ -125,6 +132,7 @@ def backward_formula(
     grad_var: bool,
     var_mean: Tensor | None = None,
     needs: tuple[bool, bool, bool] = (True, True, True),
+    seg: stats.Segments = stats.WHOLE,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """Gradients ``(input, weight, bias)`` of :func:`normalize` with the statistics' gradient flags.
 
@@ -133,39 +141,38 @@ def backward_formula(
     and the variance not. ``None`` means ``shift + delta``.
     """
     need_input, need_weight, need_bias = needs
-    nd, dims = x.dim(), stats.reduce_dims(x)
-    count = stats.count_per_channel(x)
+    nd = x.dim()
+    count = seg.count(x)
     xa, g = stats.upcast(x), grad_out.to(stats.compute_dtype(x.dtype))
-    xs = xa - stats.per_channel(shift, nd)  # x - mean, up to the per-channel delta
+    xs = xa - seg.expand(shift, nd)  # x - mean, up to the per-segment delta
     need_sum_gxmu = need_weight or (need_input and grad_var)
     need_sum_g = need_bias or (need_input and grad_mean) or (need_sum_gxmu and delta is not None)
-    sum_g = g.sum(dims) if need_sum_g else None
+    sum_g = seg.reduce(g) if need_sum_g else None
     sum_gxmu = None
     if need_sum_gxmu:
-        sum_gxmu = (g * xs).sum(dims)
+        sum_gxmu = seg.reduce(g * xs)
         if delta is not None:
             sum_gxmu = sum_gxmu - delta * sum_g
 
     grad_input = None
     if need_input:
-        # term = g - [mean] sum_g / M - [var] (x - mean) * k, with per-channel parts folded into `const`
+        # term = g - [mean] sum_g / M - [var] (x - mean) * k, with per-segment parts folded into `const`
         term, const = g, None
         if grad_var:
             k = invstd * invstd * sum_gxmu / count
             if var_mean is None:
-                term = term - xs * stats.per_channel(k, nd)
+                term = term - xs * seg.expand(k, nd)
                 const = None if delta is None else -delta * k
             else:
-                term = term - (xa - stats.per_channel(var_mean, nd)) * stats.per_channel(k, nd)
+                term = term - (xa - seg.expand(var_mean, nd)) * seg.expand(k, nd)
         if grad_mean:
             const = sum_g / count if const is None else const + sum_g / count
         if const is not None:
-            term = term - stats.per_channel(const, nd)
-        scale = invstd if weight is None else invstd * weight
-        grad_input = (term * stats.per_channel(scale, nd)).to(x.dtype)
+            term = term - seg.expand(const, nd)
+        grad_input = (term * seg.expand(_scale(invstd, weight), nd)).to(x.dtype)
         grad_input = grad_input.contiguous(memory_format=_memory_format(x))
-    grad_weight = sum_gxmu * invstd if (need_weight and weight is not None) else None
-    grad_bias = sum_g if need_bias else None
+    grad_weight = seg.total(sum_gxmu * invstd) if (need_weight and weight is not None) else None
+    grad_bias = seg.total(sum_g) if need_bias else None
     return grad_input, grad_weight, grad_bias
 
 
@@ -185,15 +192,16 @@ class BatchNormFunction(torch.autograd.Function):
         eps: float,
         grad_mean: bool,
         grad_var: bool,
+        seg: stats.Segments,
     ) -> Tensor:
-        return normalize(x, weight, bias, shift, delta, invstd)
+        return normalize(x, weight, bias, shift, delta, invstd, seg)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, weight, bias, shift, delta, invstd, eps, grad_mean, grad_var = inputs
+        x, weight, bias, shift, delta, invstd, eps, grad_mean, grad_var, seg = inputs
         ctx.save_for_backward(x, weight, shift, delta, invstd)
         ctx.save_for_forward(x, weight, shift, delta, invstd)
-        ctx.eps, ctx.grad_mean, ctx.grad_var = eps, grad_mean, grad_var
+        ctx.eps, ctx.grad_mean, ctx.grad_var, ctx.seg = eps, grad_mean, grad_var, seg
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
@@ -213,16 +221,17 @@ class BatchNormFunction(torch.autograd.Function):
             invstd,
             grad_mean=ctx.grad_mean,
             grad_var=ctx.grad_var,
+            seg=ctx.seg,
         )
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, shift, delta, invstd = ctx.saved_tensors
-        grad_mean, grad_var = ctx.grad_mean, ctx.grad_var
+        grad_mean, grad_var, seg = ctx.grad_mean, ctx.grad_var, ctx.seg
         var_mean = None
         if torch.is_grad_enabled() and (grad_mean or grad_var):
             # Double backward: the statistics as differentiable functions of x, detached as configured.
-            m = stats.moments(x)
+            m = stats.moments(x, seg)
             mean = m.mean
             shift, delta, var_mean = (mean if grad_mean else mean.detach()), None, mean
             invstd = stats.invstd(m.var if grad_var else m.var.detach(), ctx.eps)
@@ -237,7 +246,8 @@ class BatchNormFunction(torch.autograd.Function):
             grad_var=grad_var,
             var_mean=var_mean,
             needs=tuple(ctx.needs_input_grad[:3]),
+            seg=seg,
         )
         gw = None if gw is None else gw.to(weight.dtype)
         gb = None if gb is None else gb.to(ctx.bias_dtype)
-        return gx, gw, gb, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None

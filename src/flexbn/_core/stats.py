@@ -56,8 +56,47 @@ def upcast(x: Tensor) -> Tensor:
     return x.to(compute_dtype(x.dtype))
 
 
+class Segments(NamedTuple):
+    """The statistics set S as a segmentation of the batch: sample ``n`` belongs to segment ``ids[n]``.
+
+    ``ids is None`` is the whole batch (one segment; statistics of shape ``(C,)``). Otherwise statistics have
+    shape ``(num, C)``, and ``counts`` holds each segment's number of elements per channel (samples times
+    the spatial size) as a ``(num, 1)`` tensor.
+    """
+
+    ids: Tensor | None = None
+    num: int = 1
+    counts: Tensor | None = None
+
+    def expand(self, stat: Tensor, ndim: int) -> Tensor:
+        """Broadcast per-segment statistics against the input: ``(1|N, C, 1, ...)``."""
+        if self.ids is None:
+            return per_channel(stat, ndim)
+        picked = stat.index_select(0, self.ids)
+        return picked.reshape(picked.shape + (1,) * (ndim - 2))
+
+    def reduce(self, t: Tensor) -> Tensor:
+        """Sum ``t`` (input-shaped) over each segment: ``(C,)`` or ``(num, C)``."""
+        if self.ids is None:
+            return t.sum(reduce_dims(t))
+        per_sample = t.sum(tuple(range(2, t.dim()))) if t.dim() > 2 else t
+        out = per_sample.new_zeros((self.num, t.shape[1]))
+        return out.index_add(0, self.ids, per_sample)
+
+    def count(self, x: Tensor) -> int | Tensor:
+        """Elements per channel in each segment, broadcastable against the statistics."""
+        return count_per_channel(x) if self.counts is None else self.counts
+
+    def total(self, t: Tensor) -> Tensor:
+        """Per-channel ``(C,)`` sum of per-segment values (parameter gradients)."""
+        return t if self.ids is None else t.sum(0)
+
+
+WHOLE = Segments()
+
+
 class Moments(NamedTuple):
-    """Per-channel statistics in the compute dtype: the mean is ``shift + delta`` (see the module notes)."""
+    """Statistics in the compute dtype: the mean is ``shift + delta`` (see the module notes)."""
 
     shift: Tensor
     delta: Tensor
@@ -68,20 +107,20 @@ class Moments(NamedTuple):
         return self.shift + self.delta
 
 
-def moments(x: Tensor) -> Moments:
-    """Per-channel mean (as ``shift + delta``) and biased variance of ``x`` over all dimensions but 1.
+def moments(x: Tensor, seg: Segments = WHOLE) -> Moments:
+    """Mean (as ``shift + delta``) and biased variance of ``x`` per segment and channel.
 
     Differentiable: with autograd recording, the result is a function of ``x`` with the exact derivatives of
     the mean and variance (used to build double-backward graphs).
     """
-    xa, dims = upcast(x), reduce_dims(x)
-    count = count_per_channel(x)
-    shift = xa.mean(dims)
-    xs = xa - per_channel(shift, x.dim())
-    delta = xs.sum(dims) / count
+    xa, nd = upcast(x), x.dim()
+    count = seg.count(x)
+    shift = seg.reduce(xa) / count
+    xs = xa - seg.expand(shift, nd)
+    delta = seg.reduce(xs) / count
     # Pairwise summation of squares; torch.linalg.vector_norm would avoid the temporary but accumulates
     # float32 naively (1e-5 relative error at 256k elements) and is not differentiable at 0.
-    sq = xs.square().sum(dims)
+    sq = seg.reduce(xs.square())
     var = (sq / count - delta * delta).clamp_min(0)
     return Moments(shift, delta, var)
 
@@ -97,15 +136,23 @@ def update_running_stats(
     running_var: Tensor,
     mean: Tensor,
     var: Tensor,
-    count: int,
+    count: int | Tensor,
     momentum: float | Tensor,
 ) -> None:
     """In place: ``running <- (1 - momentum) * running + momentum * batch``.
 
     ``var`` is the biased batch variance; the running variance receives the unbiased one,
-    ``var * count / (count - 1)``. ``momentum`` may be a 0-d tensor (cumulative average, ``momentum=None``
-    in the modules) so the update stays free of host synchronisation under ``torch.compile``.
+    ``var * count / (count - 1)``. With several segments (statistics of shape ``(G, C)``), "batch" is the
+    mean over segments of the segment means and of the unbiased segment variances (Keras' convention for
+    ghost batches), applied once per call. ``momentum`` may be a 0-d tensor (cumulative average,
+    ``momentum=None`` in the modules) so the update stays free of host synchronisation under
+    ``torch.compile``.
     """
-    unbiased = var * (count / (count - 1)) if count > 1 else var * float("nan")
+    if isinstance(count, Tensor):
+        unbiased = var * count / (count - 1)
+    else:
+        unbiased = var * (count / (count - 1)) if count > 1 else var * float("nan")
+    if mean.dim() == 2:
+        mean, unbiased = mean.mean(0), unbiased.mean(0)
     running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
     running_var.copy_(momentum * unbiased + (1 - momentum) * running_var)
