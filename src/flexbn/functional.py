@@ -7,7 +7,6 @@ exceptions raised for bad input -- and adds keyword-only options that choose whe
 
 from __future__ import annotations
 
-import itertools
 import math
 from numbers import Real
 
@@ -43,8 +42,10 @@ def batch_norm(
     *,
     detach_mean: bool = False,
     detach_var: bool = False,
+    mask: Tensor | None = None,
     groups: Tensor | None = None,
     virtual_batch_size: int | None = None,
+    stats_input: Tensor | None = None,
 ) -> Tensor:
     r"""Batch normalization with a choice of gradient flow through the batch statistics and of the set they
     are computed over.
@@ -66,17 +67,28 @@ def batch_norm(
         detach_mean: no gradient through the batch mean -- exactly ``input.mean(dims).detach()``.
         detach_var: no gradient through the batch variance -- exactly
             ``input.var(dims, unbiased=False).detach()``.
+        mask: ``(N, *spatial)`` bool tensor, ``True`` for real elements (padded sequences): statistics over
+            real elements only. Every element is normalized with them, but padded ones take part in
+            nothing else -- not in the statistics, the weight and bias gradients, or the statistics'
+            gradient (theirs is ``dy * weight * invstd``) -- so their values, even non-finite, never reach a
+            real output or gradient. The running variance is the unbiased one over real elements.
         groups: ``(N,)`` integer tensor, a bag / segment id per sample (any ids, in any order, bags of any
             size): statistics are computed per (bag, channel) and each sample is normalized with its bag's
             (multiple-instance learning). Finding the distinct ids synchronises with the device once.
         virtual_batch_size: ghost batch norm: statistics per chunk of consecutive samples. The batch is
             split into ``N // virtual_batch_size`` chunks whose sizes differ by at most one (sample ``n`` is
             in chunk ``n * G // N``), so every chunk has at least ``virtual_batch_size`` samples and never
-            one value per channel; ``N < virtual_batch_size`` is one chunk. Must be an int >= 2.
+            one value per channel; ``N < 2 * virtual_batch_size`` is one chunk. Must be an int >= 2.
+        stats_input: a tensor of the input's shape the statistics are computed from (e.g. the activations
+            before dropout), then applied to ``input``. Gradient reaches ``stats_input`` through the
+            statistics (as the detach flags allow) and ``input`` through the direct path only. The running
+            statistics are those of ``stats_input``.
 
-    With ``groups`` or ``virtual_batch_size`` the running statistics are updated once per call with the mean
-    over segments of the segment means and of the unbiased segment variances (Keras' convention). Both
-    only select batch statistics: eval mode with running statistics normalizes every sample with those.
+    ``mask`` combines with ``groups`` or ``virtual_batch_size`` (these two exclude each other), and all of
+    them with the detach flags and ``stats_input``. With ``groups`` or ``virtual_batch_size`` the running
+    statistics are updated once per call with the mean over segments of the segment means and of the
+    unbiased segment variances (Keras' convention). They only select batch statistics: eval mode with
+    running statistics normalizes every sample with those (and ignores ``stats_input``).
 
     Both detach flags only matter in training (eval statistics are constants). With both ``False`` this is
     ``torch.nn.functional.batch_norm``: gradients flow through both statistics.
@@ -101,7 +113,9 @@ def batch_norm(
     check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps)
     _check_flag("detach_mean", detach_mean)
     _check_flag("detach_var", detach_var)
-    seg = segments(input, groups, virtual_batch_size, training=training)
+    seg = segments(input, groups, virtual_batch_size, mask, training=training)
+    if stats_input is not None:
+        _check_stats_input(stats_input, input)
     return _core.batch_norm(
         input,
         running_mean,
@@ -114,6 +128,7 @@ def batch_norm(
         detach_mean,
         detach_var,
         seg,
+        stats_input,
     )
 
 
@@ -122,15 +137,34 @@ def check_virtual_batch_size(value: object) -> None:
         raise ValueError(f"virtual_batch_size must be None or an int >= 2, but got {value!r}")
 
 
+def _check_ids_or_mask(
+    name: str, t: object, input: Tensor, shape: tuple[int, ...], what: str
+) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a Tensor, not {type(t).__name__}")
+    if tuple(t.shape) != shape:
+        raise ValueError(
+            f"{name} must have shape {shape} ({what}), but got shape {tuple(t.shape)} for input of "
+            f"shape {tuple(input.shape)}"
+        )
+    if t.device != input.device:
+        raise ValueError(f"{name} is on {t.device} but input is on {input.device}")
+
+
 def segments(
     input: Tensor,
     groups: Tensor | None,
     virtual_batch_size: int | None,
+    mask: Tensor | None,
     *,
     training: bool,
 ) -> _core.stats.Segments:
-    """The statistics set S as segments of the batch, validated. In training no segment may have a single
-    value per channel; out of training (running statistics) the segmentation is irrelevant: ``WHOLE``."""
+    """The statistics set S as segments of the batch, validated.
+
+    In training no segment may have a single value per channel (which needs one host synchronisation when
+    ``groups`` or ``mask`` make the counts data-dependent). Out of training (running statistics) only the mask
+    matters: it keeps padding out of the weight and bias gradients.
+    """
     check_virtual_batch_size(virtual_batch_size)
     if groups is not None and virtual_batch_size is not None:
         raise ValueError(
@@ -138,45 +172,70 @@ def segments(
             "are taken over (pass one of them)"
         )
     n = input.shape[0]
-    if n == 0 or (groups is None and virtual_batch_size is None):
+    if groups is not None:
+        _check_ids_or_mask("groups", groups, input, (n,), "(N,): one segment id per sample")
+        if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
+            raise ValueError(
+                f"groups must be an integer tensor of segment ids, but got dtype {groups.dtype}"
+            )
+    kept = None
+    if mask is not None:
+        shape = (n, *input.shape[2:])
+        _check_ids_or_mask("mask", mask, input, shape, "(N, *spatial): True for real elements")
+        if mask.dtype != torch.bool:
+            raise ValueError(
+                f"mask must be a bool tensor (True = real element), but got {mask.dtype}"
+            )
+        kept = mask.unsqueeze(1)
+    if n == 0:
         return _core.stats.WHOLE
-    spatial = input.numel() // (n * input.shape[1]) if input.shape[1] else 0
-    cdt = _core.stats.compute_dtype(input.dtype)
-    if virtual_batch_size is not None:
-        num = n // virtual_batch_size
-        if num <= 1 or not training:
-            return _core.stats.WHOLE
-        ids = torch.arange(n, device=input.device) * num // n
-        starts = [-(-g * n // num) for g in range(num + 1)]  # ceil(g * n / num): chunk g's first
-        sizes = [b - a for a, b in itertools.pairwise(starts)]
-        counts = torch.tensor(sizes, dtype=cdt, device=input.device).mul_(spatial).unsqueeze(1)
-        return _core.stats.Segments(ids, num, counts)
-    if not isinstance(groups, Tensor):
-        raise TypeError(f"groups must be a Tensor of segment ids, not {type(groups).__name__}")
-    if groups.dtype.is_floating_point or groups.dtype.is_complex or groups.dtype == torch.bool:
-        raise ValueError(
-            f"groups must be an integer tensor of segment ids, but got dtype {groups.dtype}"
-        )
-    if groups.shape != (n,):
-        raise ValueError(
-            f"groups must have shape (N,) = ({n},), one segment id per sample, but got shape "
-            f"{tuple(groups.shape)}"
-        )
-    if groups.device != input.device:
-        raise ValueError(f"groups is on {groups.device} but input is on {input.device}")
     if not training:
+        return _core.stats.WHOLE if kept is None else _core.stats.Segments(mask=kept)
+
+    cdt = _core.stats.compute_dtype(input.dtype)
+    spatial = input.numel() // (n * input.shape[1]) if input.shape[1] else 0
+    ids, num, source = None, 1, "mask"
+    if virtual_batch_size is not None and n // virtual_batch_size > 1:
+        num = n // virtual_batch_size
+        ids = torch.arange(n, device=input.device) * num // n  # chunk sizes differ by at most one
+    elif groups is not None:
+        unique, inverse = torch.unique(groups, return_inverse=True)  # the one host synchronisation
+        if unique.numel() > 1:
+            ids, num, source = inverse, unique.numel(), "groups"
+    if ids is None and kept is None:
         return _core.stats.WHOLE
-    unique, ids, per_bag = torch.unique(groups, return_inverse=True, return_counts=True)
-    if spatial == 1 and bool((per_bag == 1).any()):
-        lonely = unique[per_bag == 1].tolist()
+    per_sample = (
+        mask.reshape(n, -1).sum(1, dtype=cdt)
+        if mask is not None
+        else torch.full((n,), spatial, dtype=cdt, device=input.device)
+    )
+    if ids is None:
+        counts = per_sample.sum()
+    else:
+        counts = per_sample.new_zeros(num).index_add_(0, ids, per_sample).unsqueeze(1)
+    if (mask is not None or groups is not None) and bool((counts <= 1).any()):
+        least = int(counts.min().item())
+        names = "mask" if groups is None else ("groups and mask" if mask is not None else source)
         raise ValueError(
-            "Expected more than 1 value per channel when training in every group, but groups "
-            f"{lonely[:10]} have a single sample and input size {input.size()} has no spatial extent"
+            "Expected more than 1 value per channel when training in every segment of the statistics, "
+            f"but a segment selected by {names} has {least} (input size {input.size()})"
         )
-    if unique.numel() == 1:
-        return _core.stats.WHOLE
-    counts = per_bag.to(cdt).mul_(spatial).unsqueeze(1)
-    return _core.stats.Segments(ids, unique.numel(), counts)
+    return _core.stats.Segments(ids, num, counts, kept)
+
+
+def _check_stats_input(stats_input: object, input: Tensor) -> None:
+    if not isinstance(stats_input, Tensor):
+        raise TypeError(f"stats_input must be a Tensor, not {type(stats_input).__name__}")
+    if stats_input.shape != input.shape:
+        raise ValueError(
+            f"stats_input must have the input's shape {tuple(input.shape)}, but got "
+            f"{tuple(stats_input.shape)}"
+        )
+    if stats_input.dtype != input.dtype or stats_input.device != input.device:
+        raise ValueError(
+            f"stats_input must have the input's dtype and device ({input.dtype}, {input.device}), but "
+            f"got ({stats_input.dtype}, {stats_input.device})"
+        )
 
 
 def _check_flag(name: str, value: object) -> None:

@@ -74,7 +74,14 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
                 factor = torch.reciprocal(nbt)
         return factor
 
-    def forward(self, input: Tensor, *, groups: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        input: Tensor,
+        *,
+        mask: Tensor | None = None,
+        groups: Tensor | None = None,
+        stats_input: Tensor | None = None,
+    ) -> Tensor:
         self._check_input_dim(input)
         momentum = self._momentum_factor()
         # Batch statistics in training, and in eval when there are no running buffers (torch's rule).
@@ -91,8 +98,10 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.eps,
             detach_mean=self.detach_mean,
             detach_var=self.detach_var,
+            mask=mask,
             groups=groups,
             virtual_batch_size=self.virtual_batch_size,
+            stats_input=stats_input,
         )
 
     def extra_repr(self) -> str:
@@ -123,8 +132,10 @@ _DOC = """Drop-in for :class:`torch.nn.{name}` with a choice of gradient flow th
         virtual_batch_size: ghost batch norm: statistics per chunk of about this many consecutive samples
             (see :func:`flexbn.batch_norm` for the chunking rule).
 
-    ``forward(input, *, groups=None)``: ``groups`` is an ``(N,)`` tensor of bag ids, for statistics per bag
-    (multiple-instance learning; often with ``track_running_stats=False``).
+    ``forward(input, *, mask=None, groups=None, stats_input=None)``: statistics over the real elements of a
+    padded batch (``mask``), per bag (``groups``, multiple-instance learning, often with
+    ``track_running_stats=False``), or from another tensor (``stats_input``, e.g. before dropout); see
+    :func:`flexbn.batch_norm`.
 
     Input: {shapes}. Output: the same shape, dtype and memory format.
 

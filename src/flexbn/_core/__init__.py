@@ -26,8 +26,12 @@ def batch_norm(
     detach_mean: bool,
     detach_var: bool,
     seg: stats.Segments = stats.WHOLE,
+    stats_input: Tensor | None = None,
 ) -> Tensor:
-    """Normalize ``x`` with batch statistics (updating the running ones if given) or with running ones."""
+    """Normalize ``x`` with batch statistics (updating the running ones if given) or with running ones.
+
+    Batch statistics are taken over the segments ``seg`` of ``stats_input`` (default: ``x`` itself).
+    """
     if x.numel() == 0:
         # Empty batch: nothing to take statistics over and nothing to update. As torch, a fresh tensor of the
         # input's shape that keeps the gradient chain (zero gradients for weight and bias).
@@ -36,7 +40,8 @@ def batch_norm(
     cdt = stats.compute_dtype(x.dtype)
     with torch.no_grad():
         if use_batch_stats:
-            m = stats.moments(x.detach(), seg)  # detach: also drops forward-mode tangents
+            source = x if stats_input is None else stats_input
+            m = stats.moments(source.detach(), seg)  # detach: also drops forward-mode tangents
             shift, delta, var = m
             if running_mean is not None and running_var is not None:
                 count = seg.count(x)
@@ -46,8 +51,9 @@ def batch_norm(
             shift, delta = running_mean.to(cdt), None  # type: ignore[union-attr]
             var = running_var.to(cdt)  # type: ignore[union-attr]
             grad_mean = grad_var = False
-            seg = stats.WHOLE  # running statistics are per channel, whatever the segmentation
+            seg = stats.Segments(mask=seg.mask)  # running statistics are per channel
+            stats_input = None
         invstd = stats.invstd(var, eps)
     return BatchNormFunction.apply(
-        x, weight, bias, shift, delta, invstd, eps, grad_mean, grad_var, seg
+        x, weight, bias, stats_input, shift, delta, invstd, eps, grad_mean, grad_var, seg
     )

@@ -79,6 +79,8 @@ def normalize(
 def jvp_formula(
     x: Tensor,
     x_t: Tensor | None,
+    z: Tensor | None,
+    z_t: Tensor | None,
     weight: Tensor | None,
     weight_t: Tensor | None,
     bias_t: Tensor | None,
@@ -92,10 +94,15 @@ def jvp_formula(
 ) -> Tensor:
     """Forward-mode derivative (tangent of the output) of :func:`normalize` with the statistics' flags.
 
-    With ``xmu = x - mean``, ``s = invstd`` and a tangent ``t`` of ``x``: the mean's tangent is
-    ``[grad_mean] mean(t)``, the invstd's ``-[grad_var] s^3 mean(xmu * t)``, so
-    ``dy = weight * s * (t - [grad_mean] mean(t) - [grad_var] xmu * s^2 * mean(xmu * t))
-    + xmu * s * dweight + dbias``.
+    The statistics come from ``z`` (``stats_input``; ``None`` means ``x``). With ``s = invstd`` and a
+    tangent ``u`` of ``z``, the mean moves by ``[grad_mean] mean(u)`` and the invstd by
+    ``-[grad_var] s^3 mean((z - mean) * u)``; so with ``t`` the tangent of ``x``::
+
+        dy = weight * s * (t - [grad_mean] mean(u) - [grad_var] (x - mean) s^2 mean((z - mean) u))
+             + (x - mean) * s * dweight + dbias
+
+    Masked-out elements do not move the statistics (``mean`` is over kept elements only) and take none of
+    the statistics' or the parameters' tangents: theirs is ``weight * s * t``.
     """
     nd = x.dim()
     cdt = stats.compute_dtype(x.dtype)
@@ -103,25 +110,37 @@ def jvp_formula(
     xmu = stats.upcast(x) - seg.expand(shift, nd)
     if delta is not None:
         xmu = xmu - seg.expand(delta, nd)
+    if z is None:
+        z, z_t, zmu = x, x_t, xmu
+    else:
+        zmu = stats.upcast(z) - seg.expand(shift, nd)
+        if delta is not None:
+            zmu = zmu - seg.expand(delta, nd)
+    scale = seg.expand(_scale(invstd, weight), nd)
     out = torch.zeros((), dtype=cdt, device=x.device)
-    if x_t is not None:
-        t = x_t.to(cdt)
-        term = t
+    stats_term = None  # the statistics' tangent contribution, before the scale
+    if z_t is not None:
+        u = z_t.to(cdt)
         if grad_mean:
-            term = term - seg.expand(seg.reduce(t) / count, nd)
+            stats_term = seg.expand(seg.reduce(u) / count, nd)
         if grad_var:
-            k = invstd * invstd * seg.reduce(xmu * t) / count
-            term = term - xmu * seg.expand(k, nd)
-        out = out + term * seg.expand(_scale(invstd, weight), nd)
+            k = invstd * invstd * seg.reduce(seg.keep(zmu) * u) / count
+            var_term = seg.keep(xmu) * seg.expand(k, nd)
+            stats_term = var_term if stats_term is None else stats_term + var_term
+    if x_t is not None:
+        out = out + x_t.to(cdt) * scale
+    if stats_term is not None:
+        out = out - seg.keep(stats_term * scale)
     if weight_t is not None:
-        out = out + xmu * seg.expand(invstd, nd) * stats.per_channel(weight_t, nd)
+        out = out + seg.keep(xmu * seg.expand(invstd, nd) * stats.per_channel(weight_t, nd))
     if bias_t is not None:
-        out = out + stats.per_channel(bias_t, nd)
+        out = out + seg.keep(stats.per_channel(bias_t, nd).expand(x.shape))
     return out.expand(x.shape).to(x.dtype).contiguous(memory_format=_memory_format(x))
 
 
 def backward_formula(
     x: Tensor,
+    z: Tensor | None,
     grad_out: Tensor,
     weight: Tensor | None,
     shift: Tensor,
@@ -131,53 +150,73 @@ def backward_formula(
     grad_mean: bool,
     grad_var: bool,
     var_mean: Tensor | None = None,
-    needs: tuple[bool, bool, bool] = (True, True, True),
+    needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
     seg: stats.Segments = stats.WHOLE,
-) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients ``(input, weight, bias)`` of :func:`normalize` with the statistics' gradient flags.
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients ``(input, weight, bias, stats_input)`` of :func:`normalize` with the statistics' flags.
 
-    ``var_mean`` is the mean inside the variance (the variance's own centring): it equals the mean in value
-    and differs from it only as a graph node, when building double-backward graphs with the mean detached
-    and the variance not. ``None`` means ``shift + delta``.
+    The statistics come from ``z`` (``stats_input``; ``None`` means ``x``, and the statistics' gradient then
+    joins the input's). ``var_mean`` is the mean inside the variance (the variance's own centring): it
+    equals the mean in value and differs from it only as a graph node, when building double-backward graphs
+    with the mean detached and the variance not; ``None`` means ``shift + delta``. Masked-out elements take
+    part in no sum: their outputs' gradient reaches only their own input, ``dy * weight * invstd``.
     """
-    need_input, need_weight, need_bias = needs
+    need_input, need_weight, need_bias, need_z = needs
     nd = x.dim()
     count = seg.count(x)
     xa, g = stats.upcast(x), grad_out.to(stats.compute_dtype(x.dtype))
-    xs = xa - seg.expand(shift, nd)  # x - mean, up to the per-segment delta
-    need_sum_gxmu = need_weight or (need_input and grad_var)
-    need_sum_g = need_bias or (need_input and grad_mean) or (need_sum_gxmu and delta is not None)
-    sum_g = seg.reduce(g) if need_sum_g else None
+    g_kept = seg.keep(g)
+    xs = seg.keep(xa - seg.expand(shift, nd))  # x - mean, up to the per-segment delta
+    need_stats = need_input if z is None else need_z
+    need_sum_gxmu = need_weight or (need_stats and grad_var)
+    need_sum_g = need_bias or (need_stats and grad_mean) or (need_sum_gxmu and delta is not None)
+    sum_g = seg.reduce(g_kept) if need_sum_g else None
     sum_gxmu = None
     if need_sum_gxmu:
-        sum_gxmu = seg.reduce(g * xs)
+        sum_gxmu = seg.reduce(g_kept * xs)
         if delta is not None:
             sum_gxmu = sum_gxmu - delta * sum_g
 
-    grad_input = None
+    # The statistics' gradient reaching their source, before the scale:
+    #   stats_term = [mean] sum_g / M + [var] (z - mean) * k,  k = s^2 sum(g (x - mean)) / M
+    stats_term, const = None, None
+    if need_stats and grad_var:
+        k = invstd * invstd * sum_gxmu / count
+        if var_mean is not None:
+            zc = seg.keep(stats.upcast(x if z is None else z) - seg.expand(var_mean, nd))
+        elif z is None:
+            zc = xs
+            const = None if delta is None else -delta * k
+        else:
+            zc = seg.keep(stats.upcast(z) - seg.expand(shift, nd))
+            const = None if delta is None else -delta * k
+        stats_term = zc * seg.expand(k, nd)
+    if need_stats and grad_mean:
+        const = sum_g / count if const is None else const + sum_g / count
+    if const is not None:
+        const_term = seg.keep(seg.expand(const, nd).expand(x.shape))
+        stats_term = const_term if stats_term is None else stats_term + const_term
+
+    scale = seg.expand(_scale(invstd, weight), nd)
+    layout = _memory_format(x)
+    grad_input = grad_z = None
     if need_input:
-        # term = g - [mean] sum_g / M - [var] (x - mean) * k, with per-segment parts folded into `const`
-        term, const = g, None
-        if grad_var:
-            k = invstd * invstd * sum_gxmu / count
-            if var_mean is None:
-                term = term - xs * seg.expand(k, nd)
-                const = None if delta is None else -delta * k
-            else:
-                term = term - (xa - seg.expand(var_mean, nd)) * seg.expand(k, nd)
-        if grad_mean:
-            const = sum_g / count if const is None else const + sum_g / count
-        if const is not None:
-            term = term - seg.expand(const, nd)
-        grad_input = (term * seg.expand(_scale(invstd, weight), nd)).to(x.dtype)
-        grad_input = grad_input.contiguous(memory_format=_memory_format(x))
+        term = g if (z is not None or stats_term is None) else g - stats_term
+        grad_input = term * scale
+        if seg.mask is not None:
+            # Masked-out outputs are passengers: the scale is a constant to them, to every order.
+            grad_input = torch.where(seg.mask, grad_input, g * scale.detach())
+        grad_input = grad_input.to(x.dtype).contiguous(memory_format=layout)
+    if need_z and z is not None and stats_term is not None:  # else no gradient, as with .detach()
+        grad_z = (-stats_term * scale).to(z.dtype).contiguous(memory_format=_memory_format(z))
     grad_weight = seg.total(sum_gxmu * invstd) if (need_weight and weight is not None) else None
     grad_bias = seg.total(sum_g) if need_bias else None
-    return grad_input, grad_weight, grad_bias
+    return grad_input, grad_weight, grad_bias, grad_z
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """``normalize`` with the analytic backward above. Arguments after ``bias`` are not differentiable."""
+    """``normalize`` with the analytic backward above. Arguments after ``stats_input`` are not
+    differentiable; ``stats_input=None`` means the statistics are those of ``x``."""
 
     generate_vmap_rule = True
 
@@ -186,6 +225,7 @@ class BatchNormFunction(torch.autograd.Function):
         x: Tensor,
         weight: Tensor | None,
         bias: Tensor | None,
+        stats_input: Tensor | None,
         shift: Tensor,
         delta: Tensor | None,
         invstd: Tensor,
@@ -198,21 +238,28 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, weight, bias, shift, delta, invstd, eps, grad_mean, grad_var, seg = inputs
-        ctx.save_for_backward(x, weight, shift, delta, invstd)
-        ctx.save_for_forward(x, weight, shift, delta, invstd)
+        x, weight, bias, z, shift, delta, invstd, eps, grad_mean, grad_var, seg = inputs
+        ctx.save_for_backward(x, weight, z, shift, delta, invstd)
+        ctx.save_for_forward(x, weight, z, shift, delta, invstd)
         ctx.eps, ctx.grad_mean, ctx.grad_var, ctx.seg = eps, grad_mean, grad_var, seg
         ctx.bias_dtype = None if bias is None else bias.dtype
 
     @staticmethod
     def jvp(
-        ctx: Any, x_t: Tensor | None, weight_t: Tensor | None, bias_t: Tensor | None, *_: Any
+        ctx: Any,
+        x_t: Tensor | None,
+        weight_t: Tensor | None,
+        bias_t: Tensor | None,
+        z_t: Tensor | None,
+        *_: Any,
     ) -> Tensor:
-        # Tangents of the statistics arguments are ignored: the flags say how the statistics move with x.
-        x, weight, shift, delta, invstd = ctx.saved_tensors
+        # Tangents of the statistics arguments are ignored: the flags say how the statistics move.
+        x, weight, z, shift, delta, invstd = ctx.saved_tensors
         return jvp_formula(
             x,
             x_t,
+            z,
+            z_t,
             weight,
             weight_t,
             bias_t,
@@ -226,17 +273,19 @@ class BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, shift, delta, invstd = ctx.saved_tensors
+        x, weight, z, shift, delta, invstd = ctx.saved_tensors
         grad_mean, grad_var, seg = ctx.grad_mean, ctx.grad_var, ctx.seg
         var_mean = None
         if torch.is_grad_enabled() and (grad_mean or grad_var):
-            # Double backward: the statistics as differentiable functions of x, detached as configured.
-            m = stats.moments(x, seg)
+            # Double backward: the statistics as differentiable functions of their source, detached as
+            # configured.
+            m = stats.moments(x if z is None else z, seg)
             mean = m.mean
             shift, delta, var_mean = (mean if grad_mean else mean.detach()), None, mean
             invstd = stats.invstd(m.var if grad_var else m.var.detach(), ctx.eps)
-        gx, gw, gb = backward_formula(
+        gx, gw, gb, gz = backward_formula(
             x,
+            z,
             grad_out,
             weight,
             shift,
@@ -245,9 +294,9 @@ class BatchNormFunction(torch.autograd.Function):
             grad_mean=grad_mean,
             grad_var=grad_var,
             var_mean=var_mean,
-            needs=tuple(ctx.needs_input_grad[:3]),
+            needs=tuple(ctx.needs_input_grad[:4]),
             seg=seg,
         )
         gw = None if gw is None else gw.to(weight.dtype)
         gb = None if gb is None else gb.to(ctx.bias_dtype)
-        return gx, gw, gb, None, None, None, None, None, None, None
+        return gx, gw, gb, gz, None, None, None, None, None, None, None

@@ -60,13 +60,15 @@ class Segments(NamedTuple):
     """The statistics set S as a segmentation of the batch: sample ``n`` belongs to segment ``ids[n]``.
 
     ``ids is None`` is the whole batch (one segment; statistics of shape ``(C,)``). Otherwise statistics have
-    shape ``(num, C)``, and ``counts`` holds each segment's number of elements per channel (samples times
-    the spatial size) as a ``(num, 1)`` tensor.
+    shape ``(num, C)``. ``mask`` (bool, ``(N, 1, *spatial)``) removes elements from every segment: they
+    take no part in any reduction. ``counts`` holds the number of elements per channel in each segment --
+    ``(num, 1)``, or 0-d for the whole batch -- when it is not simply ``numel / C``.
     """
 
     ids: Tensor | None = None
     num: int = 1
     counts: Tensor | None = None
+    mask: Tensor | None = None
 
     def expand(self, stat: Tensor, ndim: int) -> Tensor:
         """Broadcast per-segment statistics against the input: ``(1|N, C, 1, ...)``."""
@@ -75,8 +77,13 @@ class Segments(NamedTuple):
         picked = stat.index_select(0, self.ids)
         return picked.reshape(picked.shape + (1,) * (ndim - 2))
 
+    def keep(self, t: Tensor) -> Tensor:
+        """``t`` with masked-out elements replaced by 0 (so non-finite padding cannot leak into products)."""
+        return t if self.mask is None else torch.where(self.mask, t, 0)
+
     def reduce(self, t: Tensor) -> Tensor:
-        """Sum ``t`` (input-shaped) over each segment: ``(C,)`` or ``(num, C)``."""
+        """Sum ``t`` (input-shaped) over each segment's kept elements: ``(C,)`` or ``(num, C)``."""
+        t = self.keep(t)
         if self.ids is None:
             return t.sum(reduce_dims(t))
         per_sample = t.sum(tuple(range(2, t.dim()))) if t.dim() > 2 else t
@@ -113,10 +120,10 @@ def moments(x: Tensor, seg: Segments = WHOLE) -> Moments:
     Differentiable: with autograd recording, the result is a function of ``x`` with the exact derivatives of
     the mean and variance (used to build double-backward graphs).
     """
-    xa, nd = upcast(x), x.dim()
+    xa, nd = seg.keep(upcast(x)), x.dim()
     count = seg.count(x)
     shift = seg.reduce(xa) / count
-    xs = xa - seg.expand(shift, nd)
+    xs = seg.keep(xa - seg.expand(shift, nd))
     delta = seg.reduce(xs) / count
     # Pairwise summation of squares; torch.linalg.vector_norm would avoid the temporary but accumulates
     # float32 naively (1e-5 relative error at 256k elements) and is not differentiable at 0.
