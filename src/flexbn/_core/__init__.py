@@ -44,14 +44,14 @@ def batch_norm(
             m = stats.moments(source.detach(), seg)  # detach: also drops forward-mode tangents
             shift, delta, var = m
             if running_mean is not None and running_var is not None:
-                count = seg.count(x)
-                stats.update_running_stats(running_mean, running_var, m.mean, var, count, momentum)
+                stats.update_running_stats(running_mean, running_var, m.mean, var, x, seg, momentum)
             grad_mean, grad_var = not detach_mean, not detach_var
         else:  # running statistics, checked to be present by the caller
             shift, delta = running_mean.to(cdt), None  # type: ignore[union-attr]
             var = running_var.to(cdt)  # type: ignore[union-attr]
             grad_mean = grad_var = False
-            seg = stats.Segments(mask=seg.mask)  # running statistics are per channel
+            if shift.dim() == 1:  # per-channel running statistics apply to every segment
+                seg = stats.Segments(mask=seg.mask)
             stats_input = None
         invstd = stats.invstd(var, eps)
     return BatchNormFunction.apply(

@@ -48,6 +48,7 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 
 
 def _scale(invstd: Tensor, weight: Tensor | None) -> Tensor:
+    """``invstd * weight``: per channel, or per segment when either is."""
     return invstd if weight is None else invstd * weight
 
 
@@ -72,7 +73,7 @@ def normalize(
         y.sub_(seg.expand(delta, nd))
     y.mul_(seg.expand(_scale(invstd, weight), nd))
     if bias is not None:
-        y.add_(stats.per_channel(bias, nd))
+        y.add_(seg.param(bias, nd))
     return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
 
 
@@ -132,9 +133,9 @@ def jvp_formula(
     if stats_term is not None:
         out = out - seg.keep(stats_term * scale)
     if weight_t is not None:
-        out = out + seg.keep(xmu * seg.expand(invstd, nd) * stats.per_channel(weight_t, nd))
+        out = out + seg.keep(xmu * seg.expand(invstd, nd) * seg.param(weight_t, nd))
     if bias_t is not None:
-        out = out + seg.keep(stats.per_channel(bias_t, nd).expand(x.shape))
+        out = out + seg.keep(seg.param(bias_t, nd).expand(x.shape))
     return out.expand(x.shape).to(x.dtype).contiguous(memory_format=_memory_format(x))
 
 
@@ -149,6 +150,7 @@ def backward_formula(
     *,
     grad_mean: bool,
     grad_var: bool,
+    bias_per_segment: bool = False,
     var_mean: Tensor | None = None,
     needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
     seg: stats.Segments = stats.WHOLE,
@@ -209,8 +211,10 @@ def backward_formula(
         grad_input = grad_input.to(x.dtype).contiguous(memory_format=layout)
     if need_z and z is not None and stats_term is not None:  # else no gradient, as with .detach()
         grad_z = (-stats_term * scale).to(z.dtype).contiguous(memory_format=_memory_format(z))
-    grad_weight = seg.total(sum_gxmu * invstd) if (need_weight and weight is not None) else None
-    grad_bias = seg.total(sum_g) if need_bias else None
+    grad_weight = None
+    if need_weight and weight is not None:
+        grad_weight = seg.total(sum_gxmu * invstd, per_segment=weight.dim() == 2)
+    grad_bias = seg.total(sum_g, per_segment=bias_per_segment) if need_bias else None
     return grad_input, grad_weight, grad_bias, grad_z
 
 
@@ -243,6 +247,10 @@ class BatchNormFunction(torch.autograd.Function):
         ctx.save_for_forward(x, weight, z, shift, delta, invstd)
         ctx.eps, ctx.grad_mean, ctx.grad_var, ctx.seg = eps, grad_mean, grad_var, seg
         ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.bias_per_segment = bias is not None and bias.dim() == 2
+        ctx.bias_like = (
+            None if bias is None else bias.new_empty((0,) * bias.dim())
+        )  # shape rank only
 
     @staticmethod
     def jvp(
@@ -293,6 +301,7 @@ class BatchNormFunction(torch.autograd.Function):
             invstd,
             grad_mean=grad_mean,
             grad_var=grad_var,
+            bias_per_segment=ctx.bias_per_segment,
             var_mean=var_mean,
             needs=tuple(ctx.needs_input_grad[:4]),
             seg=seg,

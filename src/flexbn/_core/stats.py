@@ -91,12 +91,23 @@ class Segments(NamedTuple):
         return out.index_add(0, self.ids, per_sample)
 
     def count(self, x: Tensor) -> int | Tensor:
-        """Elements per channel in each segment, broadcastable against the statistics."""
-        return count_per_channel(x) if self.counts is None else self.counts
+        """Elements per channel in each segment, broadcastable against the statistics.
 
-    def total(self, t: Tensor) -> Tensor:
-        """Per-channel ``(C,)`` sum of per-segment values (parameter gradients)."""
-        return t if self.ids is None else t.sum(0)
+        A segment with no element (a domain absent from the batch) counts as 1: its statistics are then
+        finite zeros that no sample uses, instead of NaNs that would leak into parameter gradients.
+        """
+        if self.counts is None:
+            return count_per_channel(x)
+        return self.counts.clamp_min(1) if self.ids is not None else self.counts
+
+    def param(self, p: Tensor, ndim: int) -> Tensor:
+        """Broadcast an affine parameter, shared ``(C,)`` or per segment ``(num, C)``, against the input."""
+        return per_channel(p, ndim) if p.dim() == 1 else self.expand(p, ndim)
+
+    def total(self, t: Tensor, per_segment: bool = False) -> Tensor:
+        """Per-segment values of a parameter gradient, summed to ``(C,)`` unless the parameter is per
+        segment."""
+        return t if (self.ids is None or per_segment) else t.sum(0)
 
 
 WHOLE = Segments()
@@ -143,23 +154,35 @@ def update_running_stats(
     running_var: Tensor,
     mean: Tensor,
     var: Tensor,
-    count: int | Tensor,
+    x: Tensor,
+    seg: Segments,
     momentum: float | Tensor,
 ) -> None:
     """In place: ``running <- (1 - momentum) * running + momentum * batch``.
 
     ``var`` is the biased batch variance; the running variance receives the unbiased one,
-    ``var * count / (count - 1)``. With several segments (statistics of shape ``(G, C)``), "batch" is the
-    mean over segments of the segment means and of the unbiased segment variances (Keras' convention for
-    ghost batches), applied once per call. ``momentum`` may be a 0-d tensor (cumulative average,
-    ``momentum=None`` in the modules) so the update stays free of host synchronisation under
-    ``torch.compile``.
+    ``var * count / (count - 1)``. Statistics of shape ``(G, C)`` (several segments) update
+
+    * per-segment running buffers of the same shape (one per domain) where the segment has elements --
+      a domain absent from the batch keeps its buffers; ``momentum`` may then be ``(G, 1)``;
+    * per-channel buffers with the mean over segments of the segment means and of the unbiased segment
+      variances (Keras' convention for ghost batches), once per call.
+
+    ``momentum`` may be a tensor (cumulative average, ``momentum=None`` in the modules) so the update stays
+    free of host synchronisation under ``torch.compile``.
     """
+    count = seg.count(x)
     if isinstance(count, Tensor):
         unbiased = var * count / (count - 1)
     else:
         unbiased = var * (count / (count - 1)) if count > 1 else var * float("nan")
-    if mean.dim() == 2:
+    if mean.dim() == 2 and running_mean.dim() == 1:
         mean, unbiased = mean.mean(0), unbiased.mean(0)
-    running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
-    running_var.copy_(momentum * unbiased + (1 - momentum) * running_var)
+    new_mean = momentum * mean + (1 - momentum) * running_mean
+    new_var = momentum * unbiased + (1 - momentum) * running_var
+    if running_mean.dim() == 2 and seg.counts is not None:
+        present = seg.counts > 0
+        new_mean = torch.where(present, new_mean, running_mean)
+        new_var = torch.where(present, new_var, running_var)
+    running_mean.copy_(new_mean)
+    running_var.copy_(new_var)
