@@ -10,7 +10,23 @@ torch.Size([4, 16, 8, 8])
 """
 
 from .functional import batch_norm
-from .modules import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    DomainBatchNorm1d,
+    DomainBatchNorm2d,
+    DomainBatchNorm3d,
+)
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "__version__", "batch_norm"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "DomainBatchNorm1d",
+    "DomainBatchNorm2d",
+    "DomainBatchNorm3d",
+    "__version__",
+    "batch_norm",
+]
 __version__ = "0.1.0"

@@ -13,9 +13,27 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import _core
 from . import functional as F
+from ._core import stats
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = [
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "DomainBatchNorm1d",
+    "DomainBatchNorm2d",
+    "DomainBatchNorm3d",
+]
+
+
+def _cumulative_factor(num_batches_tracked: Tensor, running_mean: Tensor | None) -> Tensor:
+    """``1 / num_batches_tracked`` (``momentum=None``: cumulative average) as a tensor, without a host
+    synchronisation. float64 where the statistics are (as torch's Python-float factor), else float32 (MPS
+    has no float64); a count of 0 (a domain not yet seen) gives 1, unused."""
+    double = running_mean is not None and running_mean.dtype == torch.float64
+    nbt = num_batches_tracked.clamp_min(1).to(torch.float64 if double else torch.float32)
+    return torch.reciprocal(nbt)
 
 
 class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -67,11 +85,7 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                # float64 where the statistics are (as torch's Python-float factor), else float32 (MPS has
-                # no float64); the update itself runs in the statistics' dtype either way.
-                double = self.running_mean is not None and self.running_mean.dtype == torch.float64
-                nbt = self.num_batches_tracked.to(torch.float64 if double else torch.float32)
-                factor = torch.reciprocal(nbt)
+                factor = _cumulative_factor(self.num_batches_tracked, self.running_mean)
         return factor
 
     def forward(
@@ -162,3 +176,202 @@ class BatchNorm2d(_FlexBatchNorm, nn.BatchNorm2d):
 
 class BatchNorm3d(_FlexBatchNorm, nn.BatchNorm3d):
     __doc__ = _DOC.format(name="BatchNorm3d", shapes="``(N, C, D, H, W)``", example="8, 4, 2, 3, 3")
+
+
+class _DomainBatchNorm(nn.Module):
+    """Batch norm with statistics per domain (DSBN, Chang et al. 2019): a shared module whose training
+    statistics and running buffers are kept per domain, with shared or per-domain affine parameters."""
+
+    _version = 2
+    _dims: tuple[int, ...] = ()
+    _dims_text = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        num_domains: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: Any = None,
+        dtype: Any = None,
+        *,
+        bias: bool = True,
+        domain_affine: bool = False,
+        detach_mean: bool = False,
+        detach_var: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(num_domains, int) or isinstance(num_domains, bool) or num_domains < 1:
+            raise ValueError(f"num_domains must be an int >= 1, but got {num_domains!r}")
+        for name, flag in (
+            ("domain_affine", domain_affine),
+            ("detach_mean", detach_mean),
+            ("detach_var", detach_var),
+        ):
+            F._check_flag(name, flag)
+        factory = {"device": device, "dtype": dtype}
+        self.num_features, self.num_domains = num_features, num_domains
+        self.eps, self.momentum = eps, momentum
+        self.affine, self.track_running_stats = affine, track_running_stats
+        self.domain_affine, self.detach_mean, self.detach_var = (
+            domain_affine,
+            detach_mean,
+            detach_var,
+        )
+        shape = (num_domains, num_features) if domain_affine else (num_features,)
+        self.weight = nn.Parameter(torch.empty(shape, **factory)) if affine else None
+        self.bias = nn.Parameter(torch.empty(shape, **factory)) if affine and bias else None
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_domains, num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_domains, num_features, **factory))
+            nbt = torch.zeros(num_domains, dtype=torch.long, device=device)
+            self.register_buffer("num_batches_tracked", nbt)
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in self._dims:
+            raise ValueError(f"expected {self._dims_text} input (got {input.dim()}D input)")
+
+    def forward(
+        self,
+        input: Tensor,
+        domain: Tensor,
+        *,
+        mask: Tensor | None = None,
+        stats_input: Tensor | None = None,
+    ) -> Tensor:
+        """Normalize each sample with its domain's statistics: ``domain`` is an ``(N,)`` integer tensor of
+        ids in ``[0, num_domains)``."""
+        self._check_input_dim(input)
+        if input.shape[1] != self.num_features:
+            raise ValueError(
+                f"expected input with {self.num_features} channels (dimension 1), got input size "
+                f"{tuple(input.shape)}"
+            )
+        use_batch_stats = self.training or self.running_mean is None
+        if use_batch_stats and self.eps <= 0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
+        seg = self._segments(input, domain, mask, use_batch_stats)
+        if stats_input is not None:
+            F._check_stats_input(stats_input, input)
+        track = not self.training or self.track_running_stats
+        momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and input.numel() > 0:
+            present = (seg.counts > 0).squeeze(1)
+            self.num_batches_tracked.add_(present.long())
+            if self.momentum is None:
+                momentum = _cumulative_factor(
+                    self.num_batches_tracked, self.running_mean
+                ).unsqueeze(1)
+        return _core.batch_norm(
+            input,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            momentum,
+            float(self.eps),
+            self.detach_mean,
+            self.detach_var,
+            seg,
+            stats_input,
+        )
+
+    def _segments(
+        self, input: Tensor, domain: Tensor, mask: Tensor | None, use_batch_stats: bool
+    ) -> stats.Segments:
+        n = input.shape[0]
+        base = F.segments(input, None, None, mask, training=False)  # validates the mask
+        if not isinstance(domain, Tensor) or domain.shape != (n,):
+            got = tuple(domain.shape) if isinstance(domain, Tensor) else type(domain).__name__
+            raise ValueError(f"domain must be an (N,) = ({n},) tensor of domain ids, but got {got}")
+        if domain.dtype.is_floating_point or domain.dtype.is_complex or domain.dtype == torch.bool:
+            raise ValueError(f"domain must be an integer tensor, but got dtype {domain.dtype}")
+        if domain.device != input.device:
+            raise ValueError(f"domain is on {domain.device} but input is on {input.device}")
+        if n and bool(((domain < 0) | (domain >= self.num_domains)).any()):
+            raise ValueError(
+                f"domain ids must be in [0, num_domains) = [0, {self.num_domains}), but got "
+                f"min {int(domain.min())} and max {int(domain.max())}"
+            )
+        cdt = stats.compute_dtype(input.dtype)
+        spatial = input.numel() // max(n * input.shape[1], 1)
+        per_sample = (
+            mask.reshape(n, -1).sum(1, dtype=cdt)
+            if mask is not None
+            else torch.full((n,), spatial, dtype=cdt, device=input.device)
+        )
+        counts = per_sample.new_zeros(self.num_domains).index_add_(0, domain, per_sample)
+        if use_batch_stats and n and bool(((counts > 0) & (counts <= 1)).any()):
+            lonely = torch.nonzero((counts > 0) & (counts <= 1)).flatten().tolist()
+            raise ValueError(
+                "Expected more than 1 value per channel when training in every domain present, but "
+                f"domains {lonely[:10]} have 1 (input size {input.size()})"
+            )
+        return stats.Segments(domain.long(), self.num_domains, counts.unsqueeze(1), base.mask)
+
+    def extra_repr(self) -> str:
+        rep = (
+            f"{self.num_features}, num_domains={self.num_domains}, eps={self.eps}, "
+            f"momentum={self.momentum}, affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+        for name in ("domain_affine", "detach_mean", "detach_var"):
+            if getattr(self, name):
+                rep += f", {name}=True"
+        return rep
+
+
+_DOMAIN_DOC = """Batch norm with per-domain statistics (domain-specific BN): ``forward(x, domain)``.
+
+    Each sample is normalized with the statistics of its domain -- batch statistics per domain in training,
+    per-domain running statistics (buffers of shape ``(num_domains, C)``) in eval. A domain absent from a
+    batch keeps its running statistics and ``num_batches_tracked`` (shape ``(num_domains,)``). The affine
+    parameters are shared across domains by default (``domain_affine=False``: the normalization is what
+    differs between domains, the learned scale and shift are common); ``domain_affine=True`` gives each
+    domain its own ``(num_domains, C)`` weight and bias. Other arguments as :class:`flexbn.{base}`;
+    ``forward`` also takes ``mask=`` and ``stats_input=``. Checking that ids lie in
+    ``[0, num_domains)`` synchronises with the device once per call.
+
+    Example:
+        >>> import torch, flexbn
+        >>> bn = flexbn.Domain{base}(4, num_domains=2)
+        >>> y = bn(torch.randn({example}), domain=torch.tensor([0, 1, 0, 1, 1, 0, 0, 1]))
+        >>> bn.running_mean.shape, y.shape == torch.Size([{example}])
+        (torch.Size([2, 4]), True)
+    """
+
+
+class DomainBatchNorm1d(_DomainBatchNorm):
+    __doc__ = _DOMAIN_DOC.format(base="BatchNorm1d", example="8, 4, 5")
+    _dims, _dims_text = (2, 3), "2D or 3D"
+
+
+class DomainBatchNorm2d(_DomainBatchNorm):
+    __doc__ = _DOMAIN_DOC.format(base="BatchNorm2d", example="8, 4, 5, 5")
+    _dims, _dims_text = (4,), "4D"
+
+
+class DomainBatchNorm3d(_DomainBatchNorm):
+    __doc__ = _DOMAIN_DOC.format(base="BatchNorm3d", example="8, 4, 2, 3, 3")
+    _dims, _dims_text = (5,), "5D"
