@@ -41,7 +41,40 @@ def composition(x, w, b, detach: bool):
     return (x - mean) / torch.sqrt(var + 1e-5) * w.view(shape) + b.view(shape)
 
 
-def variants(c: int) -> dict[str, Callable]:
+def loop_per_segment(x, w, b, ids: list[torch.Tensor]):
+    """The hand-written alternative for per-bag / ghost statistics: one batch norm per segment."""
+    y = torch.empty_like(x)
+    for idx in ids:
+        y = y.index_copy(0, idx, torch.nn.functional.batch_norm(x[idx], None, None, w, b, True))
+    return y
+
+
+def statistics_variants(shape: tuple[int, ...]) -> dict[str, Callable]:
+    """The statistics-set variants (issue 3) next to flexbn's standard path and torch."""
+    n, c = shape[:2]
+    rm, rv = torch.zeros(c), torch.ones(c)
+    mask = torch.rand((n, *shape[2:])) > 0.1
+    groups = torch.randint(0, 8, (n,))
+    bags = [(groups == g).nonzero().flatten() for g in range(8)]
+    chunks = list(torch.arange(n).tensor_split(4))
+    return {
+        "torch": lambda x, w, b: torch.nn.functional.batch_norm(x, rm, rv, w, b, True),
+        "flexbn": lambda x, w, b: flexbn.batch_norm(x, rm, rv, w, b, True),
+        "flexbn mask": lambda x, w, b: flexbn.batch_norm(x, rm, rv, w, b, True, mask=mask),
+        "flexbn groups=8": lambda x, w, b: flexbn.batch_norm(x, rm, rv, w, b, True, groups=groups),
+        "loop of torch per bag": lambda x, w, b: loop_per_segment(x, w, b, bags),
+        "flexbn ghost (4)": lambda x, w, b: flexbn.batch_norm(
+            x, rm, rv, w, b, True, virtual_batch_size=n // 4
+        ),
+        "loop of torch per chunk": lambda x, w, b: loop_per_segment(x, w, b, chunks),
+        "flexbn stats_input": lambda x, w, b: flexbn.batch_norm(
+            x, rm, rv, w, b, True, stats_input=z
+        ),
+    }
+
+
+def gradient_variants(shape: tuple[int, ...]) -> dict[str, Callable]:
+    c = shape[1]
     rm, rv = torch.zeros(c), torch.ones(c)
     return {
         "torch": lambda x, w, b: torch.nn.functional.batch_norm(x, rm, rv, w, b, True),
@@ -67,7 +100,7 @@ def timed(fn: Callable[[], object], inner: int) -> float:
     return (time.perf_counter() - start) / inner
 
 
-def run(shapes: dict, repeats: int, inner: int) -> list[dict]:
+def run(shapes: dict, repeats: int, inner: int, variant_set: Callable) -> list[dict]:
     rows = []
     for name, (shape, cl) in shapes.items():
         c = shape[1]
@@ -78,7 +111,7 @@ def run(shapes: dict, repeats: int, inner: int) -> list[dict]:
         w = torch.rand(c).add_(0.5).requires_grad_()
         b = torch.randn(c).requires_grad_()
         dy = torch.randn_like(x)
-        fns = variants(c)
+        fns = variant_set(shape)
         for phase in ("forward", "forward+backward"):
             samples: dict[str, list[float]] = {k: [] for k in fns}
             backward = phase == "forward+backward"
@@ -88,6 +121,7 @@ def run(shapes: dict, repeats: int, inner: int) -> list[dict]:
                     call()  # warm-up of this variant's allocations
                     samples[key].append(timed(call, inner))
             base = statistics.median(samples["torch"])
+            standard = statistics.median(samples["flexbn"])
             for key, s in samples.items():
                 med = statistics.median(s)
                 rows.append(
@@ -97,6 +131,7 @@ def run(shapes: dict, repeats: int, inner: int) -> list[dict]:
                         "variant": key,
                         "median_ms": round(med * 1e3, 3),
                         "ratio_to_torch": round(med / base, 3),
+                        "ratio_to_flexbn": round(med / standard, 3),
                     }
                 )
     return rows
@@ -110,22 +145,32 @@ def main() -> None:
     parser.add_argument(
         "--json", help="also write the rows (with device and versions) to this file"
     )
+    parser.add_argument(
+        "--set",
+        choices=["gradient", "statistics"],
+        default="gradient",
+        help="gradient: detach modes vs the hand composition; statistics: mask/groups/ghost/stats_input",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
-    rows = run(QUICK_SHAPES if args.quick else SHAPES, args.repeats, args.inner)
+    variant_set = gradient_variants if args.set == "gradient" else statistics_variants
+    rows = run(QUICK_SHAPES if args.quick else SHAPES, args.repeats, args.inner, variant_set)
     meta = {
         "device": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "flexbn": flexbn.__version__,
         "dtype": "float32",
+        "set": args.set,
     }
     print(", ".join(f"{k}={v}" for k, v in meta.items()))
-    print(f"{'shape':<18} {'phase':<17} {'variant':<21} {'median ms':>10} {'x torch':>8}")
+    print(
+        f"{'shape':<18} {'phase':<17} {'variant':<24} {'median ms':>10} {'x torch':>8} {'x flexbn':>9}"
+    )
     for r in rows:
         print(
-            f"{r['shape']:<18} {r['phase']:<17} {r['variant']:<21} "
-            f"{r['median_ms']:>10.2f} {r['ratio_to_torch']:>8.2f}"
+            f"{r['shape']:<18} {r['phase']:<17} {r['variant']:<24} "
+            f"{r['median_ms']:>10.2f} {r['ratio_to_torch']:>8.2f} {r['ratio_to_flexbn']:>9.2f}"
         )
     if args.json:
         with open(args.json, "w") as f:
