@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .lab import EXPERIMENTS, run
+
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flexbn`` console script; returns the exit status."""
@@ -12,17 +14,25 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     lab = sub.add_parser("lab", help="run the built-in experiments and print their conclusions")
     lab.add_argument(
-        "--only", action="append", metavar="NAME", help="run only this experiment (repeatable)"
+        "--only",
+        action="append",
+        metavar="NAME",
+        help=f"run only this experiment (repeatable; known: {', '.join(EXPERIMENTS)})",
     )
     lab.add_argument(
-        "--seed", type=int, default=2809, help="random seed (default: 2809, origin.md's)"
+        "--seed",
+        type=int,
+        default=2809,
+        metavar="N",
+        help="random seed (default: 2809, origin.md's)",
     )
     lab.add_argument(
-        "--out", default="flexbn-lab", help="directory for report.md (default: ./flexbn-lab)"
+        "--out",
+        default="flexbn-lab",
+        metavar="DIR",
+        help="directory for report.md (default: ./flexbn-lab)",
     )
     args = parser.parse_args(argv)
-    from .lab import run
-
     return run(only=args.only, seed=args.seed, out=args.out)
 
 

@@ -187,8 +187,10 @@ def segments(
                 f"mask must be a bool tensor (True = real element), but got {mask.dtype}"
             )
         kept = mask.unsqueeze(1)
-    if n == 0:
-        return _core.stats.WHOLE
+    if input.numel() == 0:
+        return (
+            _core.stats.WHOLE
+        )  # nothing to take statistics over (the core returns early, as torch)
     if not training:
         return _core.stats.WHOLE if kept is None else _core.stats.Segments(mask=kept)
 

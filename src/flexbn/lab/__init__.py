@@ -1,12 +1,14 @@
 """Built-in experiments (``flexbn lab``): each answers one question about batch statistics with numbers.
 
-An experiment is a function ``(seed) -> Result``, registered in :data:`EXPERIMENTS`. ``run`` executes the
-selected ones, prints each table and conclusion, and writes ``report.md`` when given a directory.
+An experiment is a function ``(seed) -> Result``, registered in :data:`EXPERIMENTS` under its name (import
+its module lazily inside the registered function, as ``_origin`` does). ``run`` executes the selected ones,
+prints each table and conclusion, and writes ``report.md`` when given a directory.
 """
 
 from __future__ import annotations
 
 import sys
+import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +41,8 @@ def run(
     out: str | Path | None = None,
     stream: TextIO | None = None,
 ) -> int:
-    """Run the experiments named in ``only`` (default: all), print them, write ``out/report.md``.
+    """Run the experiments named in ``only`` (default: all), print them to ``stream`` (default: stdout),
+    and write ``out/report.md`` unless ``out`` is ``None``.
 
     Returns the exit status: 0 if every experiment is ``ok``, 1 otherwise, 2 for an unknown name.
 
@@ -59,12 +62,13 @@ def run(
         return 2
     results = {name: EXPERIMENTS[name](seed) for name in names}
     for name, r in results.items():
-        print(f"== {name}: {r.title}\n\n{r.table}\n\n{r.conclusion}\n", file=stream)
+        conclusion = textwrap.fill(r.conclusion, width=100, break_on_hyphens=False)
+        print(f"== {name}: {r.title}\n\n{r.table}\n\n{conclusion}\n", file=stream)
     if out is not None:
         path = Path(out)
         path.mkdir(parents=True, exist_ok=True)
         report = path / "report.md"
-        report.write_text(_report(results, seed))
+        report.write_text(_report(results, seed), encoding="utf-8")
         print(f"report written to {report}", file=stream)
     failed = [n for n, r in results.items() if not r.ok]
     if failed:
@@ -74,7 +78,11 @@ def run(
 
 
 def _report(results: dict[str, Result], seed: int) -> str:
-    parts = [f"# flexbn lab\n\nSeed {seed}.\n"]
+    import torch
+
+    from flexbn import __version__
+
+    parts = [f"# flexbn lab\n\nSeed {seed}; flexbn {__version__}, torch {torch.__version__}.\n"]
     for name, r in results.items():
         status = "" if r.ok else " — **FAILED**"
         parts.append(f"## {r.title} (`{name}`){status}\n\n```\n{r.table}\n```\n\n{r.conclusion}\n")

@@ -1,14 +1,18 @@
 """The origin question (``shared/origin.md``): are ``mu`` and ``var`` in batch norm gradient-tracked?
 
 The experiment of the thread, as posted: seed 2809, ``x = randn(10, 3, 4, 4)``, loss ``y.abs().sum()``, a
-``BatchNorm2d(3, affine=False)`` in training mode, compared with the hand-written composition with and
-without ``.detach()`` of the statistics -- and with each flexbn mode. Computed in float64 so that equal means
-equal to ~1e-15.
+``BatchNorm2d(3, affine=False)`` in training mode, compared with the hand-written composition
+``(x - mean) / sqrt(var + eps)`` with and without ``.detach()`` of the statistics -- and with each flexbn
+mode, all on the same ``x``. It runs in float32 (the thread's dtype) and in float64, where "equal" means
+equal to rounding (~1e-15) and the verdict is taken.
+
+``python -m flexbn.lab.origin`` (or ``flexbn lab --only origin``) prints the answer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -17,13 +21,35 @@ import flexbn
 
 from . import Result
 
+SEED = 2809
+SHAPE = (10, 3, 4, 4)
 EPS = 1e-5
-MATCH = 1e-10  # float64: a difference below this is "equal"
 DIMS = (0, 2, 3)
+# Max |difference| below which two results are "equal", per dtype (gradients are of order 1).
+TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float64: 1e-10}
+DTYPES = (torch.float32, torch.float64)
+# Detach flags (mean, var) of the thread's two compositions.
+TRACKED, DETACHED = (False, False), (True, True)
+# flexbn's modes and the composition each must equal.
+MODES: dict[str, tuple[bool, bool]] = {
+    "flexbn.BatchNorm2d": (False, False),
+    "flexbn detach_mean": (True, False),
+    "flexbn detach_var": (False, True),
+    "flexbn detach_mean+var": (True, True),
+}
+TORCH = "torch.nn.BatchNorm2d"
+
+Fn = Callable[[Tensor], Tensor]
 
 
-def composition(x: Tensor, detach_mean: bool, detach_var: bool) -> Tensor:
-    """The thread's manual batch norm, with ``.detach()`` of each statistic as chosen."""
+def composition(x: Tensor, detach_mean: bool = False, detach_var: bool = False) -> Tensor:
+    """The thread's manual batch norm ``(x - mean) / sqrt(var + eps)``, with ``.detach()`` of each
+    statistic as chosen (biased variance over all dimensions but the channel one).
+
+    >>> x = torch.tensor([[[[1.0]], [[2.0]]], [[[3.0]], [[6.0]]]])  # (N=2, C=2, 1, 1)
+    >>> composition(x, detach_mean=True).flatten()
+    tensor([-1.0000, -1.0000,  1.0000,  1.0000])
+    """
     mean = x.mean(DIMS, keepdim=True)
     var = x.var(DIMS, unbiased=False, keepdim=True)
     if detach_mean:
@@ -33,26 +59,30 @@ def composition(x: Tensor, detach_mean: bool, detach_var: bool) -> Tensor:
     return (x - mean) / torch.sqrt(var + EPS)
 
 
-def _flexbn(detach_mean: bool, detach_var: bool) -> Callable[[Tensor], Tensor]:
-    bn = flexbn.BatchNorm2d(3, affine=False, detach_mean=detach_mean, detach_var=detach_var)
-    return bn.double()
+def _composition(flags: tuple[bool, bool]) -> Fn:
+    return lambda x: composition(x, *flags)
 
 
-# (label, the callable, the composition flags it must equal)
-def _variants() -> list[tuple[str, Callable[[Tensor], Tensor], tuple[bool, bool]]]:
+def _flexbn(flags: tuple[bool, bool], dtype: torch.dtype) -> Fn:
+    mean, var = flags
+    return flexbn.BatchNorm2d(3, affine=False, detach_mean=mean, detach_var=var, dtype=dtype)
+
+
+def _variants(dtype: torch.dtype) -> list[tuple[str, Fn, tuple[bool, bool] | None]]:
+    """(label, the function, the detach flags of the composition it must equal -- ``None``: no claim)."""
     return [
-        ("torch.nn.BatchNorm2d", torch.nn.BatchNorm2d(3, affine=False).double(), (False, False)),
-        ("flexbn.BatchNorm2d", _flexbn(False, False), (False, False)),
-        ("flexbn detach_mean", _flexbn(True, False), (True, False)),
-        ("flexbn detach_var", _flexbn(False, True), (False, True)),
-        ("flexbn detach_mean+var", _flexbn(True, True), (True, True)),
+        ("manual, no .detach()", _composition(TRACKED), None),
+        ("manual, .detach()", _composition(DETACHED), None),
+        (TORCH, torch.nn.BatchNorm2d(3, affine=False, dtype=dtype), None),
+        *((label, _flexbn(flags, dtype), flags) for label, flags in MODES.items()),
     ]
 
 
-def _output_and_grad(fn: Callable[[Tensor], Tensor], x: Tensor) -> tuple[Tensor, Tensor]:
+def _output_and_grad(fn: Fn, x: Tensor) -> tuple[Tensor, Tensor]:
     xg = x.clone().requires_grad_()
     y = fn(xg)
     y.abs().sum().backward()
+    assert xg.grad is not None
     return y.detach(), xg.grad
 
 
@@ -60,62 +90,189 @@ def _diff(a: Tensor, b: Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def run(seed: int = 2809) -> Result:
-    """Run the experiment; the conclusion is derived from the measured differences."""
-    torch.manual_seed(seed)
-    x = torch.randn(10, 3, 4, 4, dtype=torch.float64)
-    refs = {
-        flags: _output_and_grad(lambda t, f=flags: composition(t, *f), x)
-        for flags in [(False, False), (True, False), (False, True), (True, True)]
-    }
-    none, both = refs[(False, False)], refs[(True, True)]
-    header = (
-        f"{'variant':<24}{'output vs manual':>18}{'grad vs no .detach()':>22}"
-        f"{'grad vs .detach()':>19}{'grad vs own':>13}"
-    )
-    lines = [header, "-" * len(header)]
-    found: dict[str, tuple[float, float, float]] = {}
-    for label, fn, flags in _variants():
-        y, g = _output_and_grad(fn, x)
-        own = _diff(g, refs[flags][1])
-        d_none, d_both = _diff(g, none[1]), _diff(g, both[1])
-        found[label] = (d_none, d_both, max(own, _diff(y, refs[flags][0])))
-        lines.append(
-            f"{label:<24}{_diff(y, none[0]):>18.1e}{d_none:>22.1e}{d_both:>19.1e}{own:>13.1e}"
-        )
-    legend = (
-        "max |difference|, float64; 'own' = the composition with the same statistics detached "
-        "(flexbn's mode; none for torch)"
-    )
-    table = "\n".join([*lines, "", legend])
+@dataclass(frozen=True)
+class Row:
+    """One variant's max |differences| from the compositions."""
 
-    t_none, t_both, _ = found["torch.nn.BatchNorm2d"]
-    flexbn_ok = all(v[2] < MATCH for k, v in found.items() if k.startswith("flexbn"))
-    if t_none < MATCH <= t_both:
-        answer = (
-            "mu and var are gradient-tracked tensors in torch.nn.BatchNorm2d: its gradient equals the "
-            f"composition without .detach() (max diff {t_none:.0e}) and differs from the one with "
-            f".detach() by up to {t_both:.2g}."
+    label: str
+    output: float  # output vs the composition (all compositions have the same output)
+    grad_tracked: float  # input gradient vs the composition without .detach()
+    grad_detached: float  # input gradient vs the composition with .detach() of mean and var
+    own: (
+        float | None
+    )  # flexbn modes: max of output and gradient diffs vs the mode's own composition
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The experiment in one dtype."""
+
+    dtype: torch.dtype
+    tolerance: float
+    rows: tuple[Row, ...]
+
+    def row(self, label: str) -> Row:
+        """The row of the variant called ``label``."""
+        return next(r for r in self.rows if r.label == label)
+
+    @property
+    def failures(self) -> list[str]:
+        """flexbn modes that do not equal their composition (NaN counts as unequal)."""
+        return [r.label for r in self.rows if r.own is not None and not r.own <= self.tolerance]
+
+
+def measure(seed: int = SEED, dtype: torch.dtype = torch.float64) -> Measurement:
+    """Run every variant on the thread's ``x`` (converted to ``dtype``) and measure it against the
+    compositions.
+
+    >>> m = measure(dtype=torch.float64)
+    >>> m.row("torch.nn.BatchNorm2d").grad_tracked < m.tolerance, m.failures
+    (True, [])
+    """
+    torch.manual_seed(seed)
+    x = torch.randn(*SHAPE).to(dtype)  # the thread's float32 x, the same values in every dtype
+    refs = {
+        flags: _output_and_grad(_composition(flags), x)
+        for flags in {TRACKED, DETACHED, *MODES.values()}
+    }
+    rows = []
+    for label, fn, flags in _variants(dtype):
+        y, g = _output_and_grad(fn, x)
+        own = None if flags is None else max(_diff(y, refs[flags][0]), _diff(g, refs[flags][1]))
+        rows.append(
+            Row(
+                label,
+                _diff(y, refs[TRACKED][0]),
+                _diff(g, refs[TRACKED][1]),
+                _diff(g, refs[DETACHED][1]),
+                own,
+            )
         )
-    elif t_both < MATCH <= t_none:
+    return Measurement(dtype, TOLERANCE[dtype], tuple(rows))
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def table(m: Measurement) -> str:
+    """The measurement as aligned plain text: one row per variant, max |difference| per column."""
+    note = "the thread's dtype" if m.dtype == torch.float32 else "exact to rounding"
+    w = (24, 11, 15, 12, 15)
+    lines = [
+        f"in {_dtype_name(m.dtype)} ({note}), max |difference|:",
+        f"{'':<{w[0]}}{'output vs':>{w[1]}}{'grad vs':>{w[2]}}{'grad vs':>{w[3]}}{'own mode':>{w[4]}}",
+        f"{'variant':<{w[0]}}{'manual':>{w[1]}}{'no .detach()':>{w[2]}}{'.detach()':>{w[3]}}"
+        f"{'(out, grad)':>{w[4]}}",
+        "-" * (sum(w) + 3),
+    ]
+    for r in m.rows:
+        own = ""
+        if r.own is not None:
+            own = f"{r.own:>{w[4]}.1e} " + ("ok" if r.own <= m.tolerance else "FAIL")
+        lines.append(
+            f"{r.label:<{w[0]}}{r.output:>{w[1]}.1e}{r.grad_tracked:>{w[2]}.1e}"
+            f"{r.grad_detached:>{w[3]}.1e}{own}"
+        )
+    return "\n".join(lines)
+
+
+def _verdict(m: Measurement) -> str:
+    """What torch's gradient says in ``m``: 'tracked', 'detached', 'both' (indistinguishable) or
+    'neither'."""
+    r = m.row(TORCH)
+    tracked, detached = r.grad_tracked <= m.tolerance, r.grad_detached <= m.tolerance
+    return {
+        (True, False): "tracked",
+        (False, True): "detached",
+        (True, True): "both",
+        (False, False): "neither",
+    }[tracked, detached]
+
+
+def conclude(measurements: list[Measurement]) -> tuple[str, bool]:
+    """The one-line answer derived from the numbers, and whether every flexbn mode equals its
+    composition. The verdict on torch is the last (most precise) measurement's; a disagreement between
+    dtypes is reported."""
+    final = measurements[-1]
+    r, tol, name = final.row(TORCH), final.tolerance, _dtype_name(final.dtype)
+    verdict = _verdict(final)
+    agreeing = [m for m in reversed(measurements) if _verdict(m) == verdict]
+
+    def matched(column: str) -> str:
+        return ", ".join(
+            f"{getattr(m.row(TORCH), column):.0e} in {_dtype_name(m.dtype)}" for m in agreeing
+        )
+
+    if verdict == "tracked":
         answer = (
-            "torch.nn.BatchNorm2d treats mu and var as constants here: its gradient equals the "
-            f"composition with .detach() (max diff {t_both:.0e})."
+            f"{TORCH} back-propagates through mu and var (they are gradient-tracked tensors): its "
+            f"input gradient equals the composition without .detach() (max diff "
+            f"{matched('grad_tracked')}) and differs from the one with .detach() by up to {r.grad_detached:.2g}."
+        )
+    elif verdict == "detached":
+        answer = (
+            f"{TORCH} treats mu and var as constants: its input gradient equals the composition "
+            f"with .detach() (max diff {matched('grad_detached')}) and differs from the one "
+            f"without by up to {r.grad_tracked:.2g}."
+        )
+    elif verdict == "both":
+        answer = (
+            f"This input cannot tell: both compositions give {TORCH}'s gradient within {tol:.0e} "
+            f"in {name} (diffs {r.grad_tracked:.0e} / {r.grad_detached:.0e}); try another --seed."
         )
     else:
         answer = (
-            "torch.nn.BatchNorm2d matches neither composition (diffs "
-            f"{t_none:.2g} / {t_both:.2g}) -- unexpected."
+            f"{TORCH}'s input gradient matches neither composition in {name} (max diff "
+            f"{r.grad_tracked:.2g} without .detach(), {r.grad_detached:.2g} with) -- unexpected."
         )
-    flexbn_line = (
-        "flexbn gives either: its default equals torch, and detach_mean / detach_var equal the "
-        "compositions with those statistics detached."
-        if flexbn_ok
-        else "FAILED: a flexbn mode does not equal its composition (last column)."
+    others = [
+        _dtype_name(m.dtype) for m in measurements[:-1] if _verdict(m) not in (verdict, "both")
+    ]
+    if others:
+        answer += f" ({', '.join(others)} disagrees: see its table.)"
+    failed = [f"{label} in {_dtype_name(m.dtype)}" for m in measurements for label in m.failures]
+    if failed:
+        verb = "does" if len(failed) == 1 else "do"
+        return f"{answer} FAILED: {'; '.join(failed)} {verb} not equal its composition.", False
+    tols = ", ".join(f"{m.tolerance:.0e} in {_dtype_name(m.dtype)}" for m in measurements)
+    return (
+        f"{answer} flexbn gives either: its default equals the composition without .detach(), "
+        f"detach_mean / detach_var the compositions with those statistics detached (within {tols}).",
+        True,
     )
+
+
+LEGEND = (
+    "max |difference| over all elements; 'manual' = the thread's composition (x - mean) / sqrt(var + eps);\n"
+    "'no .detach()' / '.detach()' = with mean and var tracked / detached; 'own mode' = against the\n"
+    "composition detaching what that flexbn mode detaches (ok: within {tols})."
+)
+
+
+def run(seed: int = SEED) -> Result:
+    """The experiment as a lab :class:`~flexbn.lab.Result`: float32 and float64 tables, the conclusion."""
+    measurements = [measure(seed, dtype) for dtype in DTYPES]
+    conclusion, ok = conclude(measurements)
+    tols = ", ".join(f"{m.tolerance:.0e} in {_dtype_name(m.dtype)}" for m in measurements)
+    text = "\n\n".join([*map(table, measurements), LEGEND.format(tols=tols)])
     return Result(
         title="Are mu and var in batch norm gradient-tracked? (origin.md)",
-        table=table,
-        conclusion=f"{answer} {flexbn_line}",
-        ok=flexbn_ok,
+        table=text,
+        conclusion=conclusion,
+        ok=ok,
     )
+
+
+def main(seed: int = SEED) -> int:
+    """Answer the origin question on the spot: print the tables and the conclusion; return 0 if every
+    flexbn mode equals its composition, else 1."""
+    from . import run as run_lab
+
+    return run_lab(only=["origin"], seed=seed, out=None)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    sys.exit(main())
