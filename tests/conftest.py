@@ -6,6 +6,15 @@ import pytest
 import torch
 from torch import Tensor
 
+# The four gradient modes (which statistics are detached), for parametrize: (detach_mean, detach_var).
+MODES = [
+    pytest.param(False, False, id="full"),
+    pytest.param(True, False, id="detach_mean"),
+    pytest.param(False, True, id="detach_var"),
+    pytest.param(True, True, id="detach_both"),
+]
+MODE_ARGS = ("detach_mean", "detach_var")
+
 # (atol, rtol) per dtype of the tensor under test, for values of order 1. float16/bfloat16 allow about two
 # units in the last place of the output (bfloat16 has 8 significant bits, float16 11).
 TOL: dict[torch.dtype, tuple[float, float]] = {

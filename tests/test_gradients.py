@@ -18,18 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import flexbn
-from conftest import assert_close, manual_batch_norm
+from conftest import MODE_ARGS, MODES, assert_close, manual_batch_norm
 
 CL, CL3D, CONTIG = torch.channels_last, torch.channels_last_3d, torch.contiguous_format
 C = 3
 
-MODES = [
-    pytest.param(False, False, id="full"),
-    pytest.param(True, False, id="detach_mean"),
-    pytest.param(False, True, id="detach_var"),
-    pytest.param(True, True, id="detach_both"),
-]
-MODE_ARGS = ("detach_mean", "detach_var")
 
 LAYOUTS = [
     pytest.param((8, C), CONTIG, id="NC"),

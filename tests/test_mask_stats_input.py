@@ -33,20 +33,13 @@ from hypothesis import strategies as st
 from torch import Tensor
 
 import flexbn
-from conftest import assert_close
+from conftest import MODE_ARGS, MODES, assert_close
 
 F64, F32 = torch.float64, torch.float32
 CL, CL3D, CONTIG = torch.channels_last, torch.channels_last_3d, torch.contiguous_format
 C = 3
 EPS = 1e-5
 
-MODES = [
-    pytest.param(False, False, id="full"),
-    pytest.param(True, False, id="detach_mean"),
-    pytest.param(False, True, id="detach_var"),
-    pytest.param(True, True, id="detach_both"),
-]
-MODE_ARGS = ("detach_mean", "detach_var")
 
 LAYOUTS = [
     pytest.param((6, C), CONTIG, id="NC"),

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import flexbn
-from conftest import assert_close, manual_batch_norm
+from conftest import MODE_ARGS, MODES, assert_close, manual_batch_norm
 
 C = 3
 CL, CL3D, CONTIG = torch.channels_last, torch.channels_last_3d, torch.contiguous_format
@@ -48,13 +48,6 @@ IDS = [7, -2, 7, 3, -2, 3, 3]
 # The same with a bag of a single sample (id 11) in the middle: fine when the input has spatial extent.
 IDS_LONE = [7, -2, 11, 7, 3, -2, 3, 3]
 
-MODES = [
-    pytest.param(False, False, id="full"),
-    pytest.param(True, False, id="detach_mean"),
-    pytest.param(False, True, id="detach_var"),
-    pytest.param(True, True, id="detach_both"),
-]
-MODE_ARGS = ("detach_mean", "detach_var")
 AFFINE = [pytest.param(True, id="affine"), pytest.param(False, id="no_affine")]
 DTYPES = [pytest.param(torch.float64, id="float64"), pytest.param(torch.float32, id="float32")]
 KINDS = [pytest.param("groups", id="groups"), pytest.param("ghost", id="ghost")]
