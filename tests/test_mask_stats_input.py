@@ -1287,3 +1287,17 @@ def test_property_matches_masked_composition(e: Example):
     want_rm, want_rv = running_update(rm0, rv0, mean, var, 0.2)
     assert_close(rm, want_rm, msg="running_mean")
     assert_close(rv, want_rv, msg="running_var")
+
+
+def test_both_detached_stats_input_only_output_does_not_require_grad():
+    """As with ``.detach()`` of both statistics: nothing in the output depends differentiably on z."""
+    z = torch.randn(4, 3, 5, requires_grad=True)
+    x = torch.randn(4, 3, 5)
+    y = flexbn.batch_norm(
+        x, None, None, None, None, True, stats_input=z, detach_mean=True, detach_var=True
+    )
+    assert not y.requires_grad
+    y_mean_tracked = flexbn.batch_norm(
+        x, None, None, None, None, True, stats_input=z, detach_var=True
+    )
+    assert y_mean_tracked.requires_grad

@@ -187,15 +187,11 @@ def segments(
                 f"mask must be a bool tensor (True = real element), but got {mask.dtype}"
             )
         kept = mask.unsqueeze(1)
-    if input.numel() == 0:
-        return (
-            _core.stats.WHOLE
-        )  # nothing to take statistics over (the core returns early, as torch)
+    if input.numel() == 0:  # nothing to take statistics over (the core returns early, as torch)
+        return _core.stats.WHOLE
     if not training:
         return _core.stats.WHOLE if kept is None else _core.stats.Segments(mask=kept)
 
-    cdt = _core.stats.compute_dtype(input.dtype)
-    spatial = input.numel() // (n * input.shape[1]) if input.shape[1] else 0
     ids, num, source = None, 1, "mask"
     if virtual_batch_size is not None and n // virtual_batch_size > 1:
         num = n // virtual_batch_size
@@ -206,15 +202,7 @@ def segments(
             ids, num, source = inverse, unique.numel(), "groups"
     if ids is None and kept is None:
         return _core.stats.WHOLE
-    per_sample = (
-        mask.reshape(n, -1).sum(1, dtype=cdt)
-        if mask is not None
-        else torch.full((n,), spatial, dtype=cdt, device=input.device)
-    )
-    if ids is None:
-        counts = per_sample.sum()
-    else:
-        counts = per_sample.new_zeros(num).index_add_(0, ids, per_sample).unsqueeze(1)
+    counts = _core.stats.segment_counts(input, ids, num, mask)
     if (mask is not None or groups is not None) and bool((counts <= 1).any()):
         least = int(counts.min().item())
         names = "mask" if groups is None else ("groups and mask" if mask is not None else source)

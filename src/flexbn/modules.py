@@ -314,21 +314,14 @@ class _DomainBatchNorm(nn.Module):
                 f"domain ids must be in [0, num_domains) = [0, {self.num_domains}), but got "
                 f"min {int(domain.min())} and max {int(domain.max())}"
             )
-        cdt = stats.compute_dtype(input.dtype)
-        spatial = input.numel() // max(n * input.shape[1], 1)
-        per_sample = (
-            mask.reshape(n, -1).sum(1, dtype=cdt)
-            if mask is not None
-            else torch.full((n,), spatial, dtype=cdt, device=input.device)
-        )
-        counts = per_sample.new_zeros(self.num_domains).index_add_(0, domain, per_sample)
+        counts = stats.segment_counts(input, domain, self.num_domains, mask)
         if use_batch_stats and n and bool(((counts > 0) & (counts <= 1)).any()):
-            lonely = torch.nonzero((counts > 0) & (counts <= 1)).flatten().tolist()
+            lonely = torch.nonzero(((counts > 0) & (counts <= 1)).flatten()).flatten().tolist()
             raise ValueError(
                 "Expected more than 1 value per channel when training in every domain present, but "
                 f"domains {lonely[:10]} have 1 (input size {input.size()})"
             )
-        return stats.Segments(domain.long(), self.num_domains, counts.unsqueeze(1), base.mask)
+        return stats.Segments(domain.long(), self.num_domains, counts, base.mask)
 
     def extra_repr(self) -> str:
         rep = (

@@ -46,6 +46,8 @@ def batch_norm(
             if running_mean is not None and running_var is not None:
                 stats.update_running_stats(running_mean, running_var, m.mean, var, x, seg, momentum)
             grad_mean, grad_var = not detach_mean, not detach_var
+            if detach_mean and detach_var:
+                stats_input = None  # no gradient reaches it, and the output should not require one
         else:  # running statistics, checked to be present by the caller
             shift, delta = running_mean.to(cdt), None  # type: ignore[union-attr]
             var = running_var.to(cdt)  # type: ignore[union-attr]

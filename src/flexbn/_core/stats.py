@@ -113,6 +113,22 @@ class Segments(NamedTuple):
 WHOLE = Segments()
 
 
+def segment_counts(x: Tensor, ids: Tensor | None, num: int, mask: Tensor | None) -> Tensor:
+    """Kept elements per channel in each segment: ``(num, 1)``, or 0-d for the whole batch (``ids=None``).
+
+    ``mask`` is ``(N, *spatial)`` bool or ``None`` (every element kept).
+    """
+    n, cdt = x.shape[0], compute_dtype(x.dtype)
+    if mask is not None:
+        per_sample = mask.reshape(n, -1).sum(1, dtype=cdt)
+    else:
+        spatial = x.numel() // max(n * x.shape[1], 1)
+        per_sample = torch.full((n,), spatial, dtype=cdt, device=x.device)
+    if ids is None:
+        return per_sample.sum()
+    return per_sample.new_zeros(num).index_add_(0, ids, per_sample).unsqueeze(1)
+
+
 class Moments(NamedTuple):
     """Statistics in the compute dtype: the mean is ``shift + delta`` (see the module notes)."""
 
