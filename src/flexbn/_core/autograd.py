@@ -309,3 +309,10 @@ class BatchNormFunction(torch.autograd.Function):
         gw = None if gw is None else gw.to(weight.dtype)
         gb = None if gb is None else gb.to(ctx.bias_dtype)
         return gx, gw, gb, gz, None, None, None, None, None, None, None
+
+
+class BatchNormFunctionNoJvp(BatchNormFunction):
+    """:class:`BatchNormFunction` without the custom ``jvp``, for ``torch.compile``: Dynamo cannot trace a
+    Function that defines one (forward-mode AD of compiled code is then unsupported)."""
+
+    jvp = staticmethod(torch.autograd.Function.jvp)

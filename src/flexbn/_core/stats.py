@@ -165,7 +165,7 @@ def invstd(var: Tensor, eps: float) -> Tensor:
 
 
 @torch.no_grad()
-def update_running_stats(
+def new_running_stats(
     running_mean: Tensor,
     running_var: Tensor,
     mean: Tensor,
@@ -173,8 +173,9 @@ def update_running_stats(
     x: Tensor,
     seg: Segments,
     momentum: float | Tensor,
-) -> None:
-    """In place: ``running <- (1 - momentum) * running + momentum * batch``.
+) -> tuple[Tensor, Tensor]:
+    """The updated running statistics as fresh tensors (the buffers are not modified):
+    ``running <- (1 - momentum) * running + momentum * batch``.
 
     ``var`` is the biased batch variance; the running variance receives the unbiased one,
     ``var * count / (count - 1)``. Statistics of shape ``(G, C)`` (several segments) update
@@ -200,5 +201,4 @@ def update_running_stats(
         present = seg.counts > 0
         new_mean = torch.where(present, new_mean, running_mean)
         new_var = torch.where(present, new_var, running_var)
-    running_mean.copy_(new_mean)
-    running_var.copy_(new_var)
+    return new_mean.to(running_mean.dtype), new_var.to(running_var.dtype)
