@@ -9,6 +9,7 @@ lets you choose, whether gradients flow through the batch mean and variance.
 torch.Size([4, 16, 8, 8])
 """
 
+from .convert import convert, convert_to_torch
 from .functional import batch_norm
 from .modules import (
     BatchNorm1d,
@@ -28,5 +29,7 @@ __all__ = [
     "DomainBatchNorm3d",
     "__version__",
     "batch_norm",
+    "convert",
+    "convert_to_torch",
 ]
 __version__ = "0.1.0"
