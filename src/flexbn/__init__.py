@@ -19,6 +19,7 @@ from .modules import (
     DomainBatchNorm2d,
     DomainBatchNorm3d,
 )
+from .population import freeze, recompute_stats, unfreeze
 
 __all__ = [
     "BatchNorm1d",
@@ -31,5 +32,8 @@ __all__ = [
     "batch_norm",
     "convert",
     "convert_to_torch",
+    "freeze",
+    "recompute_stats",
+    "unfreeze",
 ]
 __version__ = "0.1.0"
