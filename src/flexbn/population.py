@@ -185,15 +185,16 @@ def _accumulate(pop: _Population, module: nn.Module, args: Any, kwargs: Any, out
     if isinstance(module, _DomainBatchNorm):
         domain = args[1] if len(args) > 1 else kwargs["domain"]
         ids, num = domain.long(), module.num_domains
-    # float64 moments of the batch (MPS has no float64: its corrected two-pass float32 moments instead).
+    # float64 moments of the batch (MPS has no float64: its corrected two-pass float32 moments, merged in
+    # float64 on the CPU).
     x = x.detach().to(torch.float32 if x.device.type == "mps" else torch.float64)
     counts = stats.segment_counts(x, ids, num, mask)
     kept = None if mask is None else mask.unsqueeze(1)
     keep_counts = ids is not None or mask is not None
     seg = stats.Segments(ids, num, counts if keep_counts else None, kept)
     m = stats.moments(x, seg)
-    n = counts.to(torch.float64).reshape(-1, 1)
-    mean, var = m.mean.to(torch.float64).reshape(num, -1), m.var.to(torch.float64).reshape(num, -1)
+    n, mean, var = (t.to(pop.mean.device).to(torch.float64) for t in (counts, m.mean, m.var))
+    n, mean, var = n.reshape(-1, 1), mean.reshape(num, -1), var.reshape(num, -1)
     pop.merge(n, mean, var * n)
 
 
@@ -342,7 +343,9 @@ def recompute_stats(
     try:
         for _, m in layers:
             segments = m.num_domains if isinstance(m, _DomainBatchNorm) else 1
-            pops[m] = _Population(segments, m.running_mean.shape[-1], m.running_mean.device)
+            device = m.running_mean.device
+            device = torch.device("cpu") if device.type == "mps" else device  # MPS: no float64
+            pops[m] = _Population(segments, m.running_mean.shape[-1], device)
             hook = functools.partial(_accumulate, pops[m])
             handles.append(m.register_forward_hook(hook, with_kwargs=True))
             _set_frozen(m, False)
@@ -405,14 +408,14 @@ def _write(
         if not bool(seen.any()):
             unreached.append(name or "(model)")
         var = pop.m2 / (pop.n - 1).clamp_min(1)
-        shape = m.running_mean.shape
-        old_mean, old_var = backup[m][0], backup[m][1]
-        mean = torch.where(seen, pop.mean, old_mean.reshape(pop.mean.shape)).reshape(shape)
-        var = torch.where(seen, var, old_var.reshape(var.shape)).reshape(shape)
-        m.running_mean.copy_(mean)
-        m.running_var.copy_(var)
+        old_mean, old_var = (b.to(pop.mean.device).to(torch.float64) for b in backup[m][:2])
+        mean = torch.where(seen, pop.mean, old_mean.reshape(pop.mean.shape))
+        var = torch.where(seen, var, old_var.reshape(var.shape))
+        for buf, new in ((m.running_mean, mean), (m.running_var, var)):
+            buf.copy_(new.to(buf.dtype).to(buf.device).reshape(buf.shape))
         if m.num_batches_tracked is not None:
-            old = backup[m][2]
-            calls = torch.where(seen.flatten(), pop.calls, old.reshape(pop.calls.shape))
-            m.num_batches_tracked.copy_(calls.reshape(old.shape))
+            old = backup[m][2].to(pop.calls.device).reshape(pop.calls.shape)
+            calls = torch.where(seen.flatten(), pop.calls, old)
+            nbt = m.num_batches_tracked
+            nbt.copy_(calls.to(nbt.device).reshape(nbt.shape))
     return unreached
