@@ -110,6 +110,9 @@ def test_constructor_signature_extends_torch(name):
         ("detach_mean", inspect.Parameter.KEYWORD_ONLY, False),
         ("detach_var", inspect.Parameter.KEYWORD_ONLY, False),
         ("virtual_batch_size", inspect.Parameter.KEYWORD_ONLY, None),
+        ("renorm", inspect.Parameter.KEYWORD_ONLY, False),
+        ("rmax", inspect.Parameter.KEYWORD_ONLY, 3.0),
+        ("dmax", inspect.Parameter.KEYWORD_ONLY, 5.0),
     ]
 
 
