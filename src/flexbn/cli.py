@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import audit
 from .lab import EXPERIMENTS, run
 
 
@@ -12,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flexbn`` console script; returns the exit status."""
     parser = argparse.ArgumentParser(prog="flexbn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    audit.add_parser(sub)
     lab = sub.add_parser("lab", help="run the built-in experiments and print their conclusions")
     lab.add_argument(
         "--only",
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         help="directory for report.md (default: ./flexbn-lab)",
     )
     args = parser.parse_args(argv)
+    if args.command == "audit":
+        return audit.run_cli(args)
     return run(only=args.only, seed=args.seed, out=args.out)
 
 
