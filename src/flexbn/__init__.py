@@ -9,7 +9,10 @@ lets you choose, whether gradients flow through the batch mean and variance.
 torch.Size([4, 16, 8, 8])
 """
 
+from . import func
+from ._core.backend import BACKENDS, get_backend, set_backend, use_backend
 from .convert import convert, convert_to_torch
+from .distributed import SyncBatchNorm
 from .functional import batch_norm
 from .modules import (
     BatchNorm1d,
@@ -18,22 +21,32 @@ from .modules import (
     DomainBatchNorm1d,
     DomainBatchNorm2d,
     DomainBatchNorm3d,
+    renorm_schedule,
+    set_renorm_limits,
 )
 from .population import freeze, recompute_stats, unfreeze
 
 __all__ = [
+    "BACKENDS",
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
     "DomainBatchNorm1d",
     "DomainBatchNorm2d",
     "DomainBatchNorm3d",
+    "SyncBatchNorm",
     "__version__",
     "batch_norm",
     "convert",
     "convert_to_torch",
     "freeze",
+    "func",
+    "get_backend",
     "recompute_stats",
+    "renorm_schedule",
+    "set_backend",
+    "set_renorm_limits",
     "unfreeze",
+    "use_backend",
 ]
 __version__ = "0.1.0"

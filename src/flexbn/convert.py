@@ -292,7 +292,7 @@ def _build(
         kwargs["device"] = ref.device
         if ref.is_floating_point():
             kwargs["dtype"] = ref.dtype
-    if issubclass(target, nn.SyncBatchNorm):
+    if issubclass(target, nn.SyncBatchNorm) or target is _flex_sync_class():
         kwargs["process_group"] = process_group
     try:
         return target(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from numbers import Real
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,6 +47,10 @@ def batch_norm(
     groups: Tensor | None = None,
     virtual_batch_size: int | None = None,
     stats_input: Tensor | None = None,
+    process_group: Any = None,
+    renorm: bool = False,
+    rmax: float | Tensor = 3.0,
+    dmax: float | Tensor = 5.0,
 ) -> Tensor:
     r"""Batch normalization with a choice of gradient flow through the batch statistics and of the set they
     are computed over.
@@ -83,6 +88,25 @@ def batch_norm(
             before dropout), then applied to ``input``. Gradient reaches ``stats_input`` through the
             statistics (as the detach flags allow) and ``input`` through the direct path only. The running
             statistics are those of ``stats_input``.
+        process_group: a ``torch.distributed`` process group (``torch.distributed.group.WORLD`` for all
+            ranks) to take the training statistics over: every rank's batch, combined exactly by one
+            collective in forward and one in backward, on any backend (gloo on CPU too) -- the result is
+            that of this function on the concatenation of the ranks' batches, except for the weight and
+            bias gradients, which stay local (``DistributedDataParallel`` averages them). Every rank must
+            call it with the same configuration (checked: a ``ValueError`` on every rank). ``groups`` ids
+            are global. ``None`` (default), an uninitialised ``torch.distributed``, one rank, or eval:
+            this process only. Not with ``virtual_batch_size``. See :class:`flexbn.SyncBatchNorm`.
+        renorm: batch renormalization (Ioffe 2017) in training: the output is
+            ``((x - mean) / sqrt(var + eps) * r + d) * weight + bias`` with the corrections
+            ``r = clip(sqrt(var + eps) / sqrt(running_var + eps), 1 / rmax, rmax)`` and
+            ``d = clip((mean - running_mean) / sqrt(running_var + eps), -dmax, dmax)``, computed from the
+            running statistics before this call updates them and carrying no gradient; gradient flows
+            through the batch mean and variance as the detach flags say. Needs ``running_mean`` /
+            ``running_var``; changes nothing in eval. ``rmax=1, dmax=0`` is batch norm; unclipped, the
+            output is normalization by the running statistics. See ``docs/inference-statistics.md``.
+        rmax, dmax: the clipping limits, ``rmax >= 1`` and ``dmax >= 0`` (``inf`` allowed): floats, or
+            0-d tensors (under ``torch.compile`` a float is a constant of the graph, and a new value
+            compiles a new one; a tensor's value is read at run time).
 
     ``mask`` combines with ``groups`` or ``virtual_batch_size`` (these two exclude each other), and all of
     them with the detach flags and ``stats_input``. With ``groups`` or ``virtual_batch_size`` the running
@@ -93,13 +117,26 @@ def batch_norm(
     Both detach flags only matter in training (eval statistics are constants). With both ``False`` this is
     ``torch.nn.functional.batch_norm``: gradients flow through both statistics.
 
+    Under ``torch.compile`` (and for a ``mask`` batched by ``torch.func.vmap``) the one check that reads
+    tensor values on the host is not made, so the graph does not break: that every segment selected by
+    ``mask`` / ``groups`` has more than 1 value per channel (such a segment would normalize to ``bias`` and
+    give a NaN running variance). ``groups`` finds its bags with ``torch.unique``, whose output size depends
+    on the data: ``fullgraph=True`` captures it, otherwise it is a graph break (unless
+    ``torch._dynamo.config.capture_dynamic_output_shape_ops = True``); ``groups`` cannot be batched by
+    ``vmap`` (``ValueError``).
+
     Raises:
         ValueError, RuntimeError, TypeError, NotImplementedError: as
             ``torch.nn.functional.batch_norm`` for the same bad input, with the same messages (wrong sizes,
             one value per channel in training, ``eps <= 0`` in training, missing running statistics in
             eval); mismatched dtypes raise a ``RuntimeError`` naming the argument. Deliberate differences:
             ``ValueError`` for input with fewer than 2 dimensions (torch raises an ``IndexError``), and
-            ``TypeError`` for non-bool detach flags.
+            ``TypeError`` for non-bool detach flags. ``ValueError`` for ``rmax < 1``, ``dmax < 0``, and for
+            ``renorm=True`` in training without running statistics.
+
+    Under activation checkpointing (``torch.utils.checkpoint``) the running statistics are updated once,
+    by the first forward, not again when the forward is recomputed during backward (torch's
+    ``batch_norm`` updates them twice, pytorch#96136).
 
     Example:
         >>> import torch, flexbn
@@ -110,13 +147,77 @@ def batch_norm(
         >>> torch.allclose(y, (x - mean) / torch.sqrt(var + 1e-5), atol=1e-6)
         True
     """
-    check_inputs(input, running_mean, running_var, weight, bias, training, momentum, eps)
+    return _core.batch_norm(
+        *core_arguments(
+            input,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            detach_mean=detach_mean,
+            detach_var=detach_var,
+            mask=mask,
+            groups=groups,
+            virtual_batch_size=virtual_batch_size,
+            stats_input=stats_input,
+            process_group=process_group,
+            renorm=renorm,
+            rmax=rmax,
+            dmax=dmax,
+        )
+    )
+
+
+def core_arguments(
+    input: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float | Tensor,
+    eps: float,
+    *,
+    detach_mean: bool,
+    detach_var: bool,
+    mask: Tensor | None,
+    groups: Tensor | None,
+    virtual_batch_size: int | None,
+    stats_input: Tensor | None,
+    process_group: Any = None,
+    renorm: bool = False,
+    rmax: float | Tensor = 3.0,
+    dmax: float | Tensor = 5.0,
+) -> tuple[Any, ...]:
+    """Validate :func:`batch_norm`'s arguments and return the positional arguments of the core
+    (``_core.batch_norm`` / ``_core.batch_norm_functional``, shared with ``flexbn.func``)."""
+    group = _core.sync.active_group(process_group) if training is True else None
+    check_inputs(
+        input,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        synced=group is not None,
+    )
     _check_flag("detach_mean", detach_mean)
     _check_flag("detach_var", detach_var)
-    seg = segments(input, groups, virtual_batch_size, mask, training=training)
+    seg = segments(input, groups, virtual_batch_size, mask, training=training, group=group)
     if stats_input is not None:
         _check_stats_input(stats_input, input)
-    return _core.batch_norm(
+    check_renorm(renorm, rmax, dmax)
+    if renorm and training and (running_mean is None or running_var is None):
+        raise ValueError(
+            "renorm=True needs running statistics in training (its corrections compare the batch "
+            "statistics with them), but got running_mean=None and running_var=None"
+        )
+    return (
         input,
         running_mean,
         running_var,
@@ -129,7 +230,34 @@ def batch_norm(
         detach_var,
         seg,
         stats_input,
+        (renorm_limit(rmax), renorm_limit(dmax)) if renorm and training else None,
     )
+
+
+def check_renorm(renorm: object, rmax: object, dmax: object) -> None:
+    """``renorm`` a bool; ``rmax >= 1`` and ``dmax >= 0`` real numbers (``inf`` allowed, not NaN) or 0-d
+    floating tensors (their values checked where that needs no device synchronisation)."""
+    _check_flag("renorm", renorm)
+    for name, value, least in (("rmax", rmax, 1.0), ("dmax", dmax, 0.0)):
+        if isinstance(value, Tensor):
+            if value.dim() != 0 or not value.dtype.is_floating_point:
+                raise TypeError(
+                    f"{name} must be a float or a 0-d floating tensor, but got a tensor of shape "
+                    f"{tuple(value.shape)} and dtype {value.dtype}"
+                )
+            if value.device.type != "cpu" or not readable(value):
+                continue
+        elif not isinstance(value, Real) or isinstance(value, bool):
+            raise TypeError(f"{name} must be a float, but got {type(value).__name__} ({value!r})")
+        if not value >= least:  # also NaN
+            raise ValueError(
+                f"{name} must be a float >= {least:g} (inf allowed), but got {value!r}"
+            )
+
+
+def renorm_limit(value: float | Tensor) -> float | Tensor:
+    """A validated limit for the core: a float, or the 0-d tensor as it is (read inside the graph)."""
+    return value if isinstance(value, Tensor) else float(value)
 
 
 def check_virtual_batch_size(value: object) -> None:
@@ -158,6 +286,7 @@ def segments(
     mask: Tensor | None,
     *,
     training: bool,
+    group: Any = None,
 ) -> _core.stats.Segments:
     """The statistics set S as segments of the batch, validated.
 
@@ -187,6 +316,8 @@ def segments(
                 f"mask must be a bool tensor (True = real element), but got {mask.dtype}"
             )
         kept = mask.unsqueeze(1)
+    if group is not None:
+        return _synced_segments(input, groups, virtual_batch_size, mask, group)
     if input.numel() == 0:  # nothing to take statistics over (the core returns early, as torch)
         return _core.stats.WHOLE
     if not training:
@@ -197,13 +328,18 @@ def segments(
         num = n // virtual_batch_size
         ids = torch.arange(n, device=input.device) * num // n  # chunk sizes differ by at most one
     elif groups is not None:
+        if not torch.compiler.is_compiling() and _vmapped(groups):
+            raise ValueError(
+                "groups cannot be batched by torch.func.vmap: the number of bags is data-dependent "
+                "(pass the same groups to every vmapped call, in_dims=None)"
+            )
         unique, inverse = torch.unique(groups, return_inverse=True)  # the one host synchronisation
-        if unique.numel() > 1:
+        if torch.compiler.is_compiling() or unique.numel() > 1:
             ids, num, source = inverse, unique.numel(), "groups"
     if ids is None and kept is None:
         return _core.stats.WHOLE
     counts = _core.stats.segment_counts(input, ids, num, mask)
-    if (mask is not None or groups is not None) and bool((counts <= 1).any()):
+    if (mask is not None or groups is not None) and readable(counts) and bool((counts <= 1).any()):
         least = int(counts.min().item())
         names = "mask" if groups is None else ("groups and mask" if mask is not None else source)
         raise ValueError(
@@ -211,6 +347,48 @@ def segments(
             f"but a segment selected by {names} has {least} (input size {input.size()})"
         )
     return _core.stats.Segments(ids, num, counts, kept)
+
+
+def _synced_segments(
+    input: Tensor,
+    groups: Tensor | None,
+    virtual_batch_size: int | None,
+    mask: Tensor | None,
+    group: Any,
+) -> _core.stats.Segments:
+    """This rank's segments, to be combined with the other ranks' (``_core.sync``), which also checks the
+    counts -- globally. Bags keep their ids (``keys``) even when this rank holds one, or none."""
+    if virtual_batch_size is not None:
+        raise ValueError(
+            "virtual_batch_size cannot be combined with statistics across processes: ghost batches are "
+            "chunks of one process's batch (use flexbn.BatchNorm1d/2d/3d, or process_group=None)"
+        )
+    if input.shape[1] == 0:
+        raise ValueError("SyncBatchNorm number of input channels should be non-zero")
+    kept = None if mask is None else mask.unsqueeze(1)
+    if groups is None:
+        counts = None if mask is None else _core.stats.segment_counts(input, None, 1, mask)
+        return _core.stats.Segments(None, 1, counts, kept, group)
+    keys, ids = torch.unique(groups, return_inverse=True)
+    counts = _core.stats.segment_counts(input, ids, keys.numel(), mask)
+    return _core.stats.Segments(ids, keys.numel(), counts, kept, group, keys)
+
+
+def readable(t: Tensor) -> bool:
+    """Whether a data-dependent check may read ``t``'s values on the host: not while ``torch.compile``
+    traces (it would break the graph) and not for a tensor batched by ``torch.func.vmap`` (data-dependent
+    control flow). Those checks are skipped there."""
+    return not torch.compiler.is_compiling() and not _vmapped(t)
+
+
+def _vmapped(t: Tensor) -> bool:
+    """Whether ``t`` is batched by ``torch.func.vmap`` (at any level of nested transforms)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):  # vmap / grad wrappers, outermost first
+        if functorch.is_batchedtensor(t):
+            return True
+        t = functorch.get_unwrapped(t)
+    return False
 
 
 def _check_stats_input(stats_input: object, input: Tensor) -> None:
@@ -242,6 +420,8 @@ def check_inputs(
     training: object,
     momentum: object,
     eps: object,
+    *,
+    synced: bool = False,
 ) -> None:
     """Validate the torch-compatible arguments: what ``torch.nn.functional.batch_norm`` raises, in its order.
 
@@ -269,7 +449,7 @@ def check_inputs(
     if input.dim() < 2:
         raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
     size = input.size()
-    if training and math.prod(size[:1] + size[2:]) == 1:
+    if training and not synced and math.prod(size[:1] + size[2:]) == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {size}"
         )

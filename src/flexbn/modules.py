@@ -24,6 +24,8 @@ __all__ = [
     "DomainBatchNorm1d",
     "DomainBatchNorm2d",
     "DomainBatchNorm3d",
+    "renorm_schedule",
+    "set_renorm_limits",
 ]
 
 
@@ -36,12 +38,44 @@ def _cumulative_factor(num_batches_tracked: Tensor, running_mean: Tensor | None)
     return torch.reciprocal(nbt)
 
 
+def _check_renorm_options(renorm: object, rmax: object, dmax: object, track: bool) -> None:
+    F.check_renorm(renorm, rmax, dmax)
+    if renorm and not track:
+        raise ValueError(
+            "renorm=True needs running statistics (track_running_stats=True): its corrections compare "
+            "the batch statistics with them, but got track_running_stats=False"
+        )
+
+
+def _renorm_limits(module: nn.Module) -> tuple[float | Tensor, float | Tensor] | None:
+    """``(rmax, dmax)`` read now (a schedule may have changed them) and validated, or ``None``."""
+    F.check_renorm(module.renorm, module.rmax, module.dmax)
+    if not module.renorm:
+        return None
+    if module.running_mean is None or not module.track_running_stats:
+        raise ValueError(
+            "renorm=True needs running statistics (track_running_stats=True) in training, but "
+            f"{type(module).__name__} has none"
+        )
+    return F.renorm_limit(module.rmax), F.renorm_limit(module.dmax)
+
+
+def _renorm_repr(module: nn.Module) -> str:
+    if not module.renorm:
+        return ""
+    rmax, dmax = (float(v) if isinstance(v, Tensor) else v for v in (module.rmax, module.dmax))
+    return f", renorm=True, rmax={rmax}, dmax={dmax}"
+
+
 class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Shared behaviour of the flexbn batch-norm modules (a mixin over torch's ``_BatchNorm`` classes)."""
 
     detach_mean: bool
     detach_var: bool
     virtual_batch_size: int | None
+    renorm: bool
+    rmax: float | Tensor
+    dmax: float | Tensor
 
     def __init__(
         self,
@@ -57,10 +91,14 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
         detach_mean: bool = False,
         detach_var: bool = False,
         virtual_batch_size: int | None = None,
+        renorm: bool = False,
+        rmax: float | Tensor = 3.0,
+        dmax: float | Tensor = 5.0,
     ) -> None:
         F._check_flag("detach_mean", detach_mean)
         F._check_flag("detach_var", detach_var)
         F.check_virtual_batch_size(virtual_batch_size)
+        _check_renorm_options(renorm, rmax, dmax, track_running_stats)
         super().__init__(
             num_features,
             eps,
@@ -74,6 +112,7 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
         self.detach_mean = detach_mean
         self.detach_var = detach_var
         self.virtual_batch_size = virtual_batch_size
+        self.renorm, self.rmax, self.dmax = renorm, rmax, dmax
 
     def _momentum_factor(self) -> float | Tensor:
         """The factor of this step's running-statistics update; bumps ``num_batches_tracked`` in training.
@@ -82,7 +121,12 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
         host synchronisation happens (torch's ``float(num_batches_tracked)`` breaks ``torch.compile`` graphs).
         """
         factor: float | Tensor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+        if (
+            self.training
+            and self.track_running_stats
+            and self.num_batches_tracked is not None
+            and not _core.renorm.recomputing()  # counted by the first forward (checkpointing)
+        ):
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 factor = _cumulative_factor(self.num_batches_tracked, self.running_mean)
@@ -116,7 +160,15 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
             groups=groups,
             virtual_batch_size=self.virtual_batch_size,
             stats_input=stats_input,
+            process_group=self._sync_group() if self.training else None,
+            renorm=self.renorm,
+            rmax=self.rmax,
+            dmax=self.dmax,
         )
+
+    def _sync_group(self) -> Any:
+        """The process group training statistics are combined over (``flexbn.SyncBatchNorm``); None."""
+        return None
 
     def extra_repr(self) -> str:
         rep = super().extra_repr()
@@ -126,13 +178,16 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
             rep += ", detach_var=True"
         if self.virtual_batch_size is not None:
             rep += f", virtual_batch_size={self.virtual_batch_size}"
-        return rep
+        return rep + _renorm_repr(self)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("detach_mean", False)
         self.__dict__.setdefault("detach_var", False)
         self.__dict__.setdefault("virtual_batch_size", None)
+        self.__dict__.setdefault("renorm", False)
+        self.__dict__.setdefault("rmax", 3.0)
+        self.__dict__.setdefault("dmax", 5.0)
 
 
 _DOC = """Drop-in for :class:`torch.nn.{name}` with a choice of gradient flow through the batch statistics.
@@ -145,6 +200,9 @@ _DOC = """Drop-in for :class:`torch.nn.{name}` with a choice of gradient flow th
         detach_var: no gradient through the batch variance in training (``x.var(dims).detach()``).
         virtual_batch_size: ghost batch norm: statistics per chunk of about this many consecutive samples
             (see :func:`flexbn.batch_norm` for the chunking rule).
+        renorm: batch renormalization in training (needs ``track_running_stats=True``), with the clipping
+            limits ``rmax`` and ``dmax``: plain attributes, read at every forward, that a warm-up schedule
+            may change between steps (:func:`flexbn.renorm_schedule`, :func:`flexbn.set_renorm_limits`).
 
     ``forward(input, *, mask=None, groups=None, stats_input=None)``: statistics over the real elements of a
     padded batch (``mask``), per bag (``groups``, multiple-instance learning, often with
@@ -201,8 +259,12 @@ class _DomainBatchNorm(nn.Module):
         domain_affine: bool = False,
         detach_mean: bool = False,
         detach_var: bool = False,
+        renorm: bool = False,
+        rmax: float | Tensor = 3.0,
+        dmax: float | Tensor = 5.0,
     ) -> None:
         super().__init__()
+        _check_renorm_options(renorm, rmax, dmax, track_running_stats)
         if not isinstance(num_domains, int) or isinstance(num_domains, bool) or num_domains < 1:
             raise ValueError(f"num_domains must be an int >= 1, but got {num_domains!r}")
         for name, flag in (
@@ -220,6 +282,7 @@ class _DomainBatchNorm(nn.Module):
             detach_mean,
             detach_var,
         )
+        self.renorm, self.rmax, self.dmax = renorm, rmax, dmax
         shape = (num_domains, num_features) if domain_affine else (num_features,)
         self.weight = nn.Parameter(torch.empty(shape, **factory)) if affine else None
         self.bias = nn.Parameter(torch.empty(shape, **factory)) if affine and bias else None
@@ -274,8 +337,10 @@ class _DomainBatchNorm(nn.Module):
         if stats_input is not None:
             F._check_stats_input(stats_input, input)
         track = not self.training or self.track_running_stats
+        renorm = _renorm_limits(self) if self.training else None
         momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and input.numel() > 0:
+        recompute = _core.renorm.recomputing()  # counted by the first forward (checkpointing)
+        if self.training and self.track_running_stats and input.numel() > 0 and not recompute:
             present = (seg.counts > 0).squeeze(1)
             self.num_batches_tracked.add_(present.long())
             if self.momentum is None:
@@ -295,6 +360,7 @@ class _DomainBatchNorm(nn.Module):
             self.detach_var,
             seg,
             stats_input,
+            renorm,
         )
 
     def _segments(
@@ -309,13 +375,14 @@ class _DomainBatchNorm(nn.Module):
             raise ValueError(f"domain must be an integer tensor, but got dtype {domain.dtype}")
         if domain.device != input.device:
             raise ValueError(f"domain is on {domain.device} but input is on {input.device}")
-        if n and bool(((domain < 0) | (domain >= self.num_domains)).any()):
+        if n and F.readable(domain) and bool(((domain < 0) | (domain >= self.num_domains)).any()):
             raise ValueError(
                 f"domain ids must be in [0, num_domains) = [0, {self.num_domains}), but got "
                 f"min {int(domain.min())} and max {int(domain.max())}"
             )
         counts = stats.segment_counts(input, domain, self.num_domains, mask)
-        if use_batch_stats and n and bool(((counts > 0) & (counts <= 1)).any()):
+        readable = F.readable(counts)
+        if use_batch_stats and n and readable and bool(((counts > 0) & (counts <= 1)).any()):
             lonely = torch.nonzero(((counts > 0) & (counts <= 1)).flatten()).flatten().tolist()
             raise ValueError(
                 "Expected more than 1 value per channel when training in every domain present, but "
@@ -332,7 +399,13 @@ class _DomainBatchNorm(nn.Module):
         for name in ("domain_affine", "detach_mean", "detach_var"):
             if getattr(self, name):
                 rep += f", {name}=True"
-        return rep
+        return rep + _renorm_repr(self)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("renorm", False)
+        self.__dict__.setdefault("rmax", 3.0)
+        self.__dict__.setdefault("dmax", 5.0)
 
 
 _DOMAIN_DOC = """Batch norm with per-domain statistics (domain-specific BN): ``forward(x, domain)``.
@@ -342,9 +415,11 @@ _DOMAIN_DOC = """Batch norm with per-domain statistics (domain-specific BN): ``f
     batch keeps its running statistics and ``num_batches_tracked`` (shape ``(num_domains,)``). The affine
     parameters are shared across domains by default (``domain_affine=False``: the normalization is what
     differs between domains, the learned scale and shift are common); ``domain_affine=True`` gives each
-    domain its own ``(num_domains, C)`` weight and bias. Other arguments as :class:`flexbn.{base}`;
+    domain its own ``(num_domains, C)`` weight and bias. With ``renorm=True`` each domain's batch
+    statistics are corrected towards its own running statistics. Other arguments as :class:`flexbn.{base}`;
     ``forward`` also takes ``mask=`` and ``stats_input=``. Checking that ids lie in
-    ``[0, num_domains)`` synchronises with the device once per call.
+    ``[0, num_domains)`` synchronises with the device once per call; that check and the one-value-per-domain
+    check are not made under ``torch.compile`` or for ids batched by ``torch.func.vmap``.
 
     Example:
         >>> import torch, flexbn
@@ -368,3 +443,69 @@ class DomainBatchNorm2d(_DomainBatchNorm):
 class DomainBatchNorm3d(_DomainBatchNorm):
     __doc__ = _DOMAIN_DOC.format(base="BatchNorm3d", example="8, 4, 2, 3, 3")
     _dims, _dims_text = (5,), "5D"
+
+
+def renorm_schedule(
+    step: int,
+    *,
+    warmup: int = 5000,
+    rmax_at: int = 40000,
+    dmax_at: int = 25000,
+    rmax: float = 3.0,
+    dmax: float = 5.0,
+) -> tuple[float, float]:
+    """The batch-renormalization limits ``(rmax, dmax)`` for training step ``step`` (counted from 0).
+
+    The schedule of Ioffe (2017, section 4): plain batch norm (``rmax = 1``, ``dmax = 0``) for the first
+    ``warmup`` steps, then relaxed linearly to reach ``rmax`` at step ``rmax_at`` and ``dmax`` at step
+    ``dmax_at`` (absolute steps, as in the paper: 1 -> 3 by step 40k, 0 -> 5 by step 25k, after 5k steps of
+    batch norm), constant afterwards. Apply it with :func:`set_renorm_limits`.
+
+    Example:
+        >>> import flexbn
+        >>> [flexbn.renorm_schedule(s) for s in (0, 5000, 15000, 25000, 40000)]
+        [(1.0, 0.0), (1.0, 0.0), (1.5714285714285714, 2.5), (2.142857142857143, 5.0), (3.0, 5.0)]
+    """
+    counts = (("step", step), ("warmup", warmup), ("rmax_at", rmax_at), ("dmax_at", dmax_at))
+    for name, value in counts:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"{name} must be an int >= 0, but got {value!r}")
+    for name, value in (("rmax_at", rmax_at), ("dmax_at", dmax_at)):
+        if value < warmup:
+            raise ValueError(f"{name} must be >= warmup ({warmup}), but got {value}")
+    F.check_renorm(True, rmax, dmax)
+
+    def ramp(end: int) -> float:
+        if step <= warmup:
+            return 0.0
+        return 1.0 if step >= end else (step - warmup) / (end - warmup)
+
+    return 1.0 + (rmax - 1.0) * ramp(rmax_at), dmax * ramp(dmax_at)
+
+
+def set_renorm_limits(model: nn.Module, rmax: float | Tensor, dmax: float | Tensor) -> int:
+    """Set ``rmax`` and ``dmax`` on every flexbn module of ``model`` (itself included) that has
+    ``renorm=True``; returns how many. They take effect at the next forward. A limit the module holds as
+    a 0-d tensor (for ``torch.compile``: no recompilation) is written into, in place.
+
+    Example:
+        >>> import torch, flexbn
+        >>> model = torch.nn.Sequential(flexbn.BatchNorm1d(4, renorm=True), flexbn.BatchNorm1d(4))
+        >>> flexbn.set_renorm_limits(model, *flexbn.renorm_schedule(15000))
+        1
+        >>> model[0].rmax, model[0].dmax
+        (1.5714285714285714, 2.5)
+    """
+    F.check_renorm(True, rmax, dmax)
+    count = 0
+    for module in model.modules():
+        if isinstance(module, (_FlexBatchNorm, _DomainBatchNorm)) and module.renorm:
+            for name, value in (("rmax", rmax), ("dmax", dmax)):
+                current = getattr(module, name)
+                if isinstance(current, Tensor) and not isinstance(value, Tensor):
+                    with torch.no_grad():
+                        current.fill_(value)
+                else:
+                    setattr(module, name, value)
+            count += 1
+    return count

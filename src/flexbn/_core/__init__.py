@@ -10,7 +10,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import stats
+from . import renorm as _renorm
+from . import stats, sync
 from .autograd import BatchNormFunction, BatchNormFunctionNoJvp
 
 __all__ = ["batch_norm", "batch_norm_functional"]
@@ -19,8 +20,18 @@ __all__ = ["batch_norm", "batch_norm_functional"]
 def batch_norm(
     x: Tensor, running_mean: Tensor | None, running_var: Tensor | None, *args: Any, **kwargs: Any
 ) -> Tensor:
-    """:func:`batch_norm_functional` that writes the new running statistics into the buffers, in place."""
-    y, new_mean, new_var = batch_norm_functional(x, running_mean, running_var, *args, **kwargs)
+    """:func:`batch_norm_functional` that writes the new running statistics into the buffers, in place.
+
+    Not in a recomputation (activation checkpointing reruns the forward during backward): the first forward
+    updated them already, and batch renormalization's corrections are those of the first forward
+    (``renorm`` module notes).
+    """
+    recompute = _renorm.recomputing()
+    y, new_mean, new_var = batch_norm_functional(
+        x, running_mean, running_var, *args, in_place=True, **kwargs
+    )
+    if recompute:
+        return y
     if new_mean is not running_mean and running_mean is not None and running_var is not None:
         with torch.no_grad():
             running_mean.copy_(new_mean)
@@ -41,25 +52,45 @@ def batch_norm_functional(
     detach_var: bool,
     seg: stats.Segments = stats.WHOLE,
     stats_input: Tensor | None = None,
+    renorm: tuple[float | Tensor, float | Tensor] | None = None,
+    *,
+    in_place: bool = False,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Normalize ``x`` with batch statistics or with running ones: ``(output, new_running_mean,
     new_running_var)``, the buffers untouched (pure, for ``torch.func`` transforms).
 
     Batch statistics are taken over the segments ``seg`` of ``stats_input`` (default: ``x`` itself). The
     new running statistics are fresh tensors when batch statistics update them, else the given ones.
+
+    ``renorm=(rmax, dmax)``: batch renormalization with batch statistics and running statistics (both
+    checked present by the caller), as the effective affine parameters of ``renorm.affine``. ``in_place``:
+    the caller writes the new running statistics into the given buffers (:func:`batch_norm`), so a
+    recomputation must reuse the first forward's corrections.
     """
     new_mean, new_var = running_mean, running_var
-    if x.numel() == 0:
+    if x.numel() == 0 and seg.group is None:
         # Empty batch: nothing to take statistics over and nothing to update. As torch, a fresh tensor of the
         # input's shape that keeps the gradient chain (zero gradients for weight and bias).
         y = x.clone() if weight is None else x * weight[0]
         return (y if bias is None else y + bias[0]), new_mean, new_var
     cdt = stats.compute_dtype(x.dtype)
+    r_d = None
     with torch.no_grad():
         if use_batch_stats:
             source = x if stats_input is None else stats_input
             m = stats.moments(source.detach(), seg)  # detach: also drops forward-mode tangents
+            if seg.group is not None:  # combined with the other ranks' moments: one collective
+                flags = (detach_mean, detach_var, stats_input is not None)
+                m, seg = sync.exchange(m, seg, x, eps, flags)
             shift, delta, var = m
+            if renorm is not None and running_mean is not None and running_var is not None:
+                args = (m.mean, var, running_mean, running_var, eps, *renorm)
+                if in_place:
+                    r_d = _renorm.checkpointed_corrections(
+                        running_mean, *args, _renorm.recomputing()
+                    )
+                else:
+                    r_d = _renorm.corrections(*args)
             if running_mean is not None and running_var is not None:
                 new_mean, new_var = stats.new_running_stats(
                     running_mean, running_var, m.mean, var, x, seg, momentum
@@ -75,6 +106,8 @@ def batch_norm_functional(
                 seg = stats.Segments(mask=seg.mask)
             stats_input = None
         invstd = stats.invstd(var, eps)
+    if r_d is not None:
+        weight, bias = _renorm.affine(weight, bias, *r_d)
     # Dynamo cannot trace a Function with a custom jvp: under torch.compile, the same Function without it.
     fn = BatchNormFunctionNoJvp if torch.compiler.is_compiling() else BatchNormFunction
     y = fn.apply(x, weight, bias, stats_input, shift, delta, invstd, eps, grad_mean, grad_var, seg)

@@ -34,16 +34,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import stats
+from . import stats, sync
+from .backend import fused
 
 
 def _memory_format(x: Tensor) -> torch.memory_format:
     """The layout of torch's batch-norm output for ``x``: channels-last if ``x`` is, else contiguous."""
-    if not x.is_contiguous():
-        if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-            return torch.channels_last
-        if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-            return torch.channels_last_3d
+    try:
+        if not x.is_contiguous():
+            if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+                return torch.channels_last
+            if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+                return torch.channels_last_3d
+    except RuntimeError:  # inside torch.func.vmap, only contiguous_format can be queried ("NYI")
+        pass
     return torch.contiguous_format
 
 
@@ -52,6 +56,7 @@ def _scale(invstd: Tensor, weight: Tensor | None) -> Tensor:
     return invstd if weight is None else invstd * weight
 
 
+@fused
 def normalize(
     x: Tensor,
     weight: Tensor | None,
@@ -139,6 +144,7 @@ def jvp_formula(
     return out.expand(x.shape).to(x.dtype).contiguous(memory_format=_memory_format(x))
 
 
+@fused
 def backward_formula(
     x: Tensor,
     z: Tensor | None,
@@ -172,12 +178,19 @@ def backward_formula(
     need_stats = need_input if z is None else need_z
     need_sum_gxmu = need_weight or (need_stats and grad_var)
     need_sum_g = need_bias or (need_stats and grad_mean) or (need_sum_gxmu and delta is not None)
+    synced = seg.group is not None and (grad_mean or grad_var)
+    if synced:  # every rank adds both of its sums, whatever it needs itself
+        need_sum_g = need_sum_gxmu = True
     sum_g = seg.reduce(g_kept) if need_sum_g else None
     sum_gxmu = None
     if need_sum_gxmu:
         sum_gxmu = seg.reduce(g_kept * xs)
         if delta is not None:
             sum_gxmu = sum_gxmu - delta * sum_g
+    # The weight and bias gradients stay local (as with torch's SyncBatchNorm).
+    local_g, local_gxmu = sum_g, sum_gxmu
+    if synced:
+        sum_g, sum_gxmu = sync.all_sum(seg.group, sum_g, sum_gxmu)
 
     # The statistics' gradient reaching their source, before the scale:
     #   stats_term = [mean] sum_g / M + [var] (z - mean) * k,  k = s^2 sum(g (x - mean)) / M
@@ -213,8 +226,8 @@ def backward_formula(
         grad_z = (-stats_term * scale).to(z.dtype).contiguous(memory_format=_memory_format(z))
     grad_weight = None
     if need_weight and weight is not None:
-        grad_weight = seg.total(sum_gxmu * invstd, per_segment=weight.dim() == 2)
-    grad_bias = seg.total(sum_g, per_segment=bias_per_segment) if need_bias else None
+        grad_weight = seg.total(local_gxmu * invstd, per_segment=weight.dim() == 2)
+    grad_bias = seg.total(local_g, per_segment=bias_per_segment) if need_bias else None
     return grad_input, grad_weight, grad_bias, grad_z
 
 
@@ -263,6 +276,10 @@ class BatchNormFunction(torch.autograd.Function):
     ) -> Tensor:
         # Tangents of the statistics arguments are ignored: the flags say how the statistics move.
         x, weight, z, shift, delta, invstd = ctx.saved_tensors
+        if ctx.seg.group is not None and (ctx.grad_mean or ctx.grad_var):
+            raise NotImplementedError(
+                "forward-mode AD through batch statistics synchronised across processes is not supported"
+            )
         return jvp_formula(
             x,
             x_t,
@@ -285,6 +302,11 @@ class BatchNormFunction(torch.autograd.Function):
         grad_mean, grad_var, seg = ctx.grad_mean, ctx.grad_var, ctx.seg
         var_mean = None
         if torch.is_grad_enabled() and (grad_mean or grad_var):
+            if seg.group is not None:
+                raise NotImplementedError(
+                    "double backward through batch statistics synchronised across processes is not "
+                    "supported (torch.nn.SyncBatchNorm does not support it either)"
+                )
             # Double backward: the statistics as differentiable functions of their source, detached as
             # configured.
             m = stats.moments(x if z is None else z, seg)

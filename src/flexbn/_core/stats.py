@@ -23,10 +23,13 @@ Numerics, documented once here:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+
+from .backend import fused
 
 _REDUCED = (torch.float16, torch.bfloat16)
 
@@ -69,6 +72,10 @@ class Segments(NamedTuple):
     num: int = 1
     counts: Tensor | None = None
     mask: Tensor | None = None
+    # A process group the statistics are combined over (``sync``); None: this process only.
+    group: Any = None
+    # Bags across processes: the local segments' ids, before ``sync`` maps them to global segments.
+    keys: Tensor | None = None
 
     def expand(self, stat: Tensor, ndim: int) -> Tensor:
         """Broadcast per-segment statistics against the input: ``(1|N, C, 1, ...)``."""
@@ -120,13 +127,13 @@ def segment_counts(x: Tensor, ids: Tensor | None, num: int, mask: Tensor | None)
     """
     n, cdt = x.shape[0], compute_dtype(x.dtype)
     if mask is not None:
-        per_sample = mask.reshape(n, -1).sum(1, dtype=cdt)
+        per_sample = mask.reshape(n, math.prod(mask.shape[1:])).sum(1, dtype=cdt)
     else:
         spatial = x.numel() // max(n * x.shape[1], 1)
         per_sample = torch.full((n,), spatial, dtype=cdt, device=x.device)
     if ids is None:
         return per_sample.sum()
-    return per_sample.new_zeros(num).index_add_(0, ids, per_sample).unsqueeze(1)
+    return per_sample.new_zeros(num).index_add(0, ids, per_sample).unsqueeze(1)
 
 
 class Moments(NamedTuple):
@@ -141,6 +148,7 @@ class Moments(NamedTuple):
         return self.shift + self.delta
 
 
+@fused
 def moments(x: Tensor, seg: Segments = WHOLE) -> Moments:
     """Mean (as ``shift + delta``) and biased variance of ``x`` per segment and channel.
 

@@ -1,0 +1,194 @@
+"""Backends: who runs the core's hot functions -- ``stats.moments``, ``autograd.normalize`` and
+``autograd.backward_formula``.
+
+* ``reference``: the pure-torch functions themselves. Always available, no compiler; several passes over the
+  input, each a separate torch kernel.
+* ``compiled``: the same functions compiled by ``torch.compile`` (Inductor: C++/OpenMP loops on CPU, Triton on
+  CUDA), so each becomes one or two fused loops over the input. Same formulas, same numerics (the two-pass
+  ``shift + delta`` moments), results equal to rounding. Shapes are dynamic: one compilation per
+  configuration (dtype, rank, memory layout, options, statistics set), not per shape; Inductor caches the
+  generated code on disk, so later processes pay only the tracing (see ``flexbn bench`` for first-call costs).
+* ``auto`` (the default): ``compiled`` where it can run -- a C++ compiler for CPU tensors, Triton for CUDA --
+  else ``reference`` (said once at debug level on the ``flexbn`` logger).
+
+``flexbn.set_backend(name)`` or the environment variable ``FLEXBN_BACKEND`` choose; explicitly asking for
+``compiled`` where it cannot run raises. Whatever the choice, the reference runs where compiling cannot help
+or cannot work: under the user's own ``torch.compile`` (Inductor fuses the whole graph), under ``torch.func``
+transforms, when the function is itself being differentiated (double backward), and for statistics
+synchronised across processes (collectives).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import shutil
+import types
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = ["BACKENDS", "fused", "get_backend", "set_backend", "use_backend"]
+
+BACKENDS = ("auto", "reference", "compiled")
+_log = logging.getLogger("flexbn")
+_DYNAMIC = {"1": True, "0": False}.get(os.environ.get("FLEXBN_DYNAMIC", ""))
+_DEFAULT = "reference"  # until the compiled path is measured faster everywhere ("auto" then)
+_selected: list[str] = []  # the explicit choice, if any (else the environment's, else "auto")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _check_name(name: object) -> str:
+    if name not in BACKENDS:
+        raise ValueError(
+            f"backend must be one of {', '.join(map(repr, BACKENDS))}, but got {name!r}"
+        )
+    return name  # type: ignore[return-value]
+
+
+def get_backend() -> str:
+    """The selected backend: ``set_backend``'s, else ``$FLEXBN_BACKEND``, else ``"auto"``.
+
+    >>> import flexbn
+    >>> flexbn.get_backend() in flexbn.BACKENDS
+    True
+    """
+    if _selected:
+        return _selected[-1]
+    return _check_name(os.environ.get("FLEXBN_BACKEND", _DEFAULT) or _DEFAULT)
+
+
+def set_backend(name: str) -> None:
+    """Select the backend for every flexbn call in this process: ``"auto"`` (default), ``"reference"`` or
+    ``"compiled"``. Asking for ``"compiled"`` where it cannot run raises ``RuntimeError``.
+
+    >>> import flexbn
+    >>> flexbn.set_backend("reference"); flexbn.get_backend()
+    'reference'
+    >>> flexbn.set_backend("auto")
+    """
+    name = _check_name(name)
+    if name == "compiled" and not available("cpu") and not available("cuda"):
+        raise RuntimeError(f"flexbn backend 'compiled' is unavailable here: {_why_not('cpu')}")
+    _selected[:] = [name]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Select a backend inside a ``with`` block (restores the previous choice)."""
+    name = _check_name(name)
+    if name == "compiled" and not available("cpu") and not available("cuda"):
+        raise RuntimeError(f"flexbn backend 'compiled' is unavailable here: {_why_not('cpu')}")
+    _selected.append(name)
+    try:
+        yield
+    finally:
+        _selected.pop()
+
+
+@functools.cache
+def available(device_type: str) -> bool:
+    """Whether the compiled backend can run on this device type."""
+    return _why_not(device_type) == ""
+
+
+@functools.cache
+def _why_not(device_type: str) -> str:
+    if not hasattr(torch, "compile") or not torch._dynamo.is_dynamo_supported():
+        return "torch.compile is not supported on this platform"
+    if device_type == "cpu":
+        names = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+        if not any(n and shutil.which(n) for n in names):
+            return "no C++ compiler found (Inductor's CPU code generation needs g++ or clang++)"
+        return ""
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return "" if has_triton() else "Triton is not installed"
+    return f"no compiled kernels for device type {device_type!r}"
+
+
+def _tensors(args: tuple[Any, ...]) -> Iterator[Tensor]:
+    for a in args:
+        if isinstance(a, Tensor):
+            yield a
+        elif isinstance(a, tuple):
+            yield from _tensors(a)
+
+
+def _wanted(args: tuple[Any, ...]) -> bool:
+    """Whether this call should run compiled (see the module notes for the exceptions)."""
+    name = get_backend()
+    if name == "reference" or torch.compiler.is_compiling():
+        return False
+    tensors = list(_tensors(args))
+    if not tensors:
+        return False
+    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False  # being differentiated: the reference builds the graph
+    if any(getattr(a, "group", None) is not None for a in args if isinstance(a, tuple)):
+        return False  # synchronised statistics: collectives
+    device = tensors[0].device.type
+    if name == "compiled":
+        if not available(device):
+            raise RuntimeError(
+                f"flexbn backend 'compiled' cannot run on {device}: {_why_not(device)}"
+            )
+        return True
+    if not available(device):
+        _log_once(device)
+        return False
+    return True
+
+
+@functools.cache
+def _log_once(device: str) -> None:
+    _log.debug("flexbn: reference backend on %s (%s)", device, _why_not(device))
+
+
+def _signature(value: Any) -> Any:
+    """What distinguishes one configuration from another: tensors' dtype, rank and layout, and every other
+    value; used to give each configuration its own compiled copy (Dynamo's recompilation limit is per code
+    object)."""
+    if isinstance(value, Tensor):
+        return (value.dtype, value.dim(), value.device.type, value.is_contiguous())
+    if isinstance(value, tuple):
+        return tuple(_signature(v) for v in value)
+    return value if isinstance(value, (bool, int, float, str, type(None))) else type(value)
+
+
+def fused(fn: F) -> F:
+    """Run ``fn`` (a pure-torch core function) compiled when the backend says so, else as it is."""
+    copies: dict[Any, Callable[..., Any]] = {}
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not _wanted(args + tuple(kwargs.values())):
+            return fn(*args, **kwargs)
+        key = (_signature(args), tuple(sorted((k, _signature(v)) for k, v in kwargs.items())))
+        with warnings.catch_warnings():
+            # torch's own deprecation notices, raised while Inductor loads and compiles
+            warnings.filterwarnings("ignore", module=r"torch(\.|$)")
+            compiled = copies.get(key)
+            if compiled is None:
+                # A copy of the function with its own code object, hence its own Dynamo cache.
+                clone = types.FunctionType(
+                    fn.__code__.replace(),
+                    fn.__globals__,
+                    fn.__name__,
+                    fn.__defaults__,
+                    fn.__closure__,
+                )
+                clone.__kwdefaults__ = fn.__kwdefaults__
+                compiled = copies[key] = torch.compile(clone, dynamic=_DYNAMIC)
+            return compiled(*args, **kwargs)
+
+    run.reference = fn  # type: ignore[attr-defined]
+    return run  # type: ignore[return-value]

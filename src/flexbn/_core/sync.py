@@ -1,0 +1,184 @@
+"""Statistics across processes: each rank's moments per (segment, channel), combined exactly.
+
+Forward: every rank packs, per local segment, its element count, mean and biased variance per channel
+(in float64), behind a small header describing its configuration, and one ``all_gather`` gives every rank
+every rank's table. The tables are combined with Chan, Golub and LeVeque's pairwise formulas::
+
+    N = sum n_r,   mean = sum n_r mean_r / N,   var = sum n_r (var_r + (mean_r - mean)^2) / N
+
+in float64, where the spread of the ranks' means costs no precision (each mean arrives as the exact sum of
+the local ``shift + delta``), then handed back as ``shift + delta`` in the compute dtype (``stats`` module
+notes). Every rank computes the same global statistics from the same gathered bytes, so running statistics
+stay identical across ranks, and a rank with an empty batch takes part with a count of 0.
+
+Bags (``groups``) may differ between ranks: their ids are global, and a first, fixed-size exchange of the
+headers tells every rank how many local bags the others have before the tables (padded to the largest) are
+gathered with their ids. Every rank then maps its samples to the sorted global ids.
+
+Backward: the per-(segment, channel) sums ``sum(dy)`` and ``sum(dy * (x - mean))`` of every rank are added
+with one ``all_reduce``; weight and bias gradients stay local, as in ``torch.nn.SyncBatchNorm``
+(``DistributedDataParallel`` averages them).
+
+Ranks that disagree about the configuration (channel count, dtype, ``eps``, detach flags, what selects the
+statistics) see each other's headers and raise the same ``ValueError`` on every rank -- provided the packets
+have the same size; a different channel count changes the size, which gloo reports by aborting and NCCL by
+hanging until the group's timeout (``TORCH_DISTRIBUTED_DEBUG=DETAIL`` turns both into a clear error).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from . import stats
+
+_VERSION = 1.0
+_FIELDS = ("protocol version", "channels", "options", "eps", "dtype", "local segments")
+_HEADER = len(_FIELDS)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# Bits of the header's options field (detach_mean 1, detach_var 2, stats_input 4, mask, groups).
+MASK, GROUPS = 8, 16
+
+
+def active_group(group: Any) -> Any:
+    """``group`` if statistics must be combined over it (distributed initialised, more than one rank),
+    else ``None``. ``group=None`` is no synchronisation; pass ``torch.distributed.group.WORLD`` for all."""
+    if group is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    return group if dist.get_world_size(group) > 1 else None
+
+
+def _gather(t: Tensor, group: Any) -> Tensor:
+    """``(world, len)``: every rank's ``t`` (a 1-D tensor of the same length on every rank)."""
+    world = dist.get_world_size(group)
+    if dist.get_backend(group) == "gloo":  # gloo has no all_gather_into_tensor
+        parts = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(parts, t, group=group)
+        return torch.stack(parts)
+    out = t.new_empty(world * t.numel())
+    dist.all_gather_into_tensor(out, t, group=group)
+    return out.view(world, -1)
+
+
+def all_sum(group: Any, *ts: Tensor) -> tuple[Tensor, ...]:
+    """The sums over ranks of same-shaped reductions, with one ``all_reduce``."""
+    flat = torch.cat([t.reshape(-1) for t in ts])
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    return tuple(p.view_as(t) for p, t in zip(flat.split([t.numel() for t in ts]), ts, strict=True))
+
+
+def _check_headers(headers: Tensor, groups: bool) -> None:
+    """Raise on every rank (they all see the same headers) when the ranks' configurations differ."""
+    for i, field in enumerate(_FIELDS):
+        if field == "local segments" and groups:
+            continue  # bags differ between ranks; their ids are global
+        column = headers[:, i]
+        if not bool((column == column[0]).all()):
+            values = column.tolist()
+            if field == "dtype":
+                values = [str(_DTYPES[int(v)]) for v in values]
+            elif field == "options":
+                values = [_options_text(int(v)) for v in values]
+            raise ValueError(
+                f"flexbn sync batch norm: the ranks of the process group disagree on the {field} "
+                f"(per rank: {values}); every rank must call the layer with the same configuration"
+            )
+
+
+def _options_text(bits: int) -> str:
+    names = ("detach_mean", "detach_var", "stats_input", "mask", "groups")
+    return "{" + ", ".join(n for i, n in enumerate(names) if bits & (1 << i)) + "}"
+
+
+def exchange(
+    m: stats.Moments,
+    seg: stats.Segments,
+    x: Tensor,
+    eps: float,
+    flags: tuple[bool, bool, bool],
+) -> tuple[stats.Moments, stats.Segments]:
+    """Global moments and segments from this rank's local ones (``seg.group`` is the process group).
+
+    ``flags``: ``(detach_mean, detach_var, stats_input given)``, which every rank must agree on.
+
+    ``seg.keys`` (bags only) are the local segments' ids; the returned segments index the sorted global ids.
+    Raises ``ValueError`` on every rank when a global segment has a single value per channel in training.
+    """
+    group, channels, cdt = seg.group, x.shape[1], stats.compute_dtype(x.dtype)
+    bags = seg.keys is not None
+    options = sum(bit for bit, on in zip((1, 2, 4), flags, strict=True) if on)
+    options += MASK * (seg.mask is not None) + GROUPS * bags
+    local = seg.num if bags else 1  # a rank with an empty batch sends a row with count 0
+    # Rows: [count, mean (C), biased variance (C)] per local segment, float64.
+    if x.numel() == 0:
+        rows = x.new_zeros((local, 1 + 2 * channels), dtype=torch.float64)
+    else:
+        if bags:
+            count = seg.counts.to(torch.float64)  # (local, 1), unclamped
+        else:
+            whole = seg.counts if seg.counts is not None else stats.count_per_channel(x)
+            count = torch.as_tensor(whole, dtype=torch.float64, device=x.device).reshape(1, 1)
+        mean = (m.shift.double() + m.delta.double()).reshape(-1, channels)
+        var = m.var.double().reshape(-1, channels)
+        present = count > 0
+        rows = torch.cat([count, torch.where(present, mean, 0), torch.where(present, var, 0)], 1)
+    header = torch.tensor(
+        [_VERSION, channels, options, eps, _DTYPES.index(x.dtype), local],
+        dtype=torch.float64,
+        device=x.device,
+    )
+    width = 1 + 2 * channels
+    if bags:
+        # First exchange: headers only (same size as the plain packet), to agree on the table size.
+        first = torch.cat([header, header.new_zeros(width)])
+        headers = _gather(first, group)[:, :_HEADER]
+        _check_headers(headers, groups=True)
+        most = int(headers[:, -1].max().item())
+        keys = seg.keys.to(torch.float64)
+        if bool((keys.abs() > 2**53).any()):
+            raise ValueError("groups ids must lie in [-2**53, 2**53] to be exchanged between ranks")
+        packet = torch.cat(
+            [
+                header,
+                torch.cat([keys, keys.new_zeros(most - local)]),
+                torch.cat([rows, rows.new_zeros((most - local, width))]).reshape(-1),
+            ]
+        )
+        gathered = _gather(packet, group)
+        valid = torch.arange(most, device=x.device) < gathered[:, _HEADER - 1 : _HEADER]
+        all_keys = gathered[:, _HEADER : _HEADER + most][valid]
+        all_rows = gathered[:, _HEADER + most :].reshape(len(gathered), most, width)[valid]
+        global_keys = torch.unique(all_keys)
+        index = torch.searchsorted(global_keys, all_keys)
+        num = global_keys.numel()
+    else:
+        gathered = _gather(torch.cat([header, rows.reshape(-1)]), group)
+        _check_headers(gathered[:, :_HEADER], groups=False)
+        all_rows = gathered[:, _HEADER:]
+        index, num = torch.zeros(all_rows.shape[0], dtype=torch.long, device=x.device), 1
+
+    n, mean_r, var_r = all_rows[:, :1], all_rows[:, 1 : 1 + channels], all_rows[:, 1 + channels :]
+    total = n.new_zeros((num, 1)).index_add_(0, index, n)
+    safe = total.clamp_min(1)
+    mean = n.new_zeros((num, channels)).index_add_(0, index, n * mean_r) / safe
+    spread = n * (var_r + (mean_r - mean.index_select(0, index)).square())
+    var = n.new_zeros((num, channels)).index_add_(0, index, spread) / safe
+    if num == 0 or bool((total <= 1).any()):  # every global segment holds elements of some rank
+        least = int(total.min().item()) if num else 0
+        raise ValueError(
+            "Expected more than 1 value per channel when training in every segment of the "
+            f"statistics across the process group, but one has {least} (local input size {x.size()})"
+        )
+    shift = mean.to(cdt)
+    delta = (mean - shift.double()).to(cdt)
+    moments = stats.Moments(shift, delta, var.to(cdt))
+    counts = total.to(cdt)
+    if not bags:
+        moments = stats.Moments(*(t.reshape(channels) for t in moments))
+        return moments, seg._replace(counts=counts.reshape(()))
+    ids = index.new_zeros(0) if x.shape[0] == 0 else torch.searchsorted(global_keys, keys)[seg.ids]
+    return moments, seg._replace(ids=ids, num=num, counts=counts, keys=None)
