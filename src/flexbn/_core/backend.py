@@ -191,4 +191,5 @@ def fused(fn: F) -> F:
             return compiled(*args, **kwargs)
 
     run.reference = fn  # type: ignore[attr-defined]
+    run.compiled = copies  # type: ignore[attr-defined]  # configuration -> compiled copy (introspection)
     return run  # type: ignore[return-value]
