@@ -22,7 +22,7 @@ def one_line(text: str) -> str:
 
 
 def test_cli_lab_writes_report_and_exits_zero(tmp_path, capsys):
-    assert cli.main(["lab", "--out", str(tmp_path)]) == 0
+    assert cli.main(["lab", "--only", "origin", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert TRACKED_ANSWER in one_line(printed)
@@ -75,7 +75,7 @@ def test_broken_mode_fails_the_lab(monkeypatch, tmp_path, capsys):
     assert not r.ok
     assert "FAILED: flexbn detach_mean in float32" in r.conclusion
     assert "flexbn gives either" not in r.conclusion
-    assert cli.main(["lab", "--out", str(tmp_path)]) == 1
+    assert cli.main(["lab", "--only", "origin", "--out", str(tmp_path)]) == 1
     captured = capsys.readouterr()
     assert "FAILED: origin" in captured.err
     assert "FAIL" in captured.out
@@ -131,7 +131,7 @@ def test_origin_main_prints_the_answer(capsys):
 
 
 def test_seed_option(tmp_path):
-    assert cli.main(["lab", "--seed", "0", "--out", str(tmp_path)]) == 0
+    assert cli.main(["lab", "--only", "origin", "--seed", "0", "--out", str(tmp_path)]) == 0
     assert "Seed 0;" in (tmp_path / "report.md").read_text(encoding="utf-8")
 
 

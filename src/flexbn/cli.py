@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from . import audit
-from .lab import EXPERIMENTS, run
+from .lab import EXPERIMENTS, SUMMARIES, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,7 +14,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flexbn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     audit.add_parser(sub)
-    lab = sub.add_parser("lab", help="run the built-in experiments and print their conclusions")
+    lab = sub.add_parser(
+        "lab",
+        help="run the built-in experiments and print their conclusions",
+        description="Run the built-in experiments: print each one's table and conclusion (derived\n"
+        "from the numbers), write report.md and PNG figures. Exit status 1 if one fails.",
+        epilog="experiments:\n" + "\n".join(f"  {n:<9} {s}" for n, s in SUMMARIES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     lab.add_argument(
         "--only",
         action="append",
@@ -32,12 +39,17 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         default="flexbn-lab",
         metavar="DIR",
-        help="directory for report.md (default: ./flexbn-lab)",
+        help="directory for report.md and the figures (default: ./flexbn-lab)",
+    )
+    lab.add_argument(
+        "--quick",
+        action="store_true",
+        help="small versions of the experiments (all of them in under a minute on 2 cores)",
     )
     args = parser.parse_args(argv)
     if args.command == "audit":
         return audit.run_cli(args)
-    return run(only=args.only, seed=args.seed, out=args.out)
+    return run(only=args.only, seed=args.seed, out=args.out, quick=args.quick)
 
 
 if __name__ == "__main__":  # pragma: no cover

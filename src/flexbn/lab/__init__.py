@@ -1,38 +1,75 @@
 """Built-in experiments (``flexbn lab``): each answers one question about batch statistics with numbers.
 
-An experiment is a function ``(seed) -> Result``, registered in :data:`EXPERIMENTS` under its name (import
-its module lazily inside the registered function, as ``_origin`` does). ``run`` executes the selected ones,
-prints each table and conclusion, and writes ``report.md`` when given a directory.
+An experiment is a module of this package with a function ``run(seed, *, quick=False, out=None) ->
+Result``, registered in :data:`EXPERIMENTS` under its name (its module is imported only when it runs).
+``quick`` makes it small enough that the whole lab runs in under a minute on two cores; ``out`` is the
+directory for its PNG figures (``None``: no figures). :func:`run` executes the selected ones, prints each
+table, conclusion and figure path, and writes ``report.md`` embedding the figures when given a directory.
+
+The optional extras (``pip install 'flexbn[lab]'``: matplotlib, scikit-learn, tqdm) are optional here too:
+without matplotlib the figures are skipped with a note, without scikit-learn the experiments on its digits
+data are skipped with a note, without tqdm there are no progress bars.
 """
 
 from __future__ import annotations
 
+import importlib
+import os
 import sys
 import textwrap
-from collections.abc import Callable
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Any, Protocol, TextIO
 
 
 @dataclass(frozen=True)
 class Result:
     """What an experiment found: a plain-text table, a one-line conclusion derived from it, and whether
-    flexbn behaved as specified (``ok=False`` makes ``flexbn lab`` exit non-zero)."""
+    flexbn behaved as specified and the claimed effect was observed (``ok=False`` makes ``flexbn lab``
+    exit non-zero); the PNG figures it wrote, and the numbers the conclusion quotes (``data``)."""
 
     title: str
     table: str
     conclusion: str
     ok: bool
+    figures: tuple[Path, ...] = ()
+    data: Mapping[str, Any] = field(default_factory=dict)
 
 
-def _origin(seed: int) -> Result:
-    from . import origin
+class Experiment(Protocol):
+    """The signature of a registered experiment."""
 
-    return origin.run(seed)
+    def __call__(self, seed: int, *, quick: bool = False, out: Path | None = None) -> Result: ...
 
 
-EXPERIMENTS: dict[str, Callable[[int], Result]] = {"origin": _origin}
+def _lazy(module: str) -> Experiment:
+    """The experiment ``flexbn.lab.<module>.run``, imported when called."""
+
+    def experiment(seed: int, *, quick: bool = False, out: Path | None = None) -> Result:
+        result: Result = importlib.import_module(f"{__name__}.{module}").run(
+            seed, quick=quick, out=out
+        )
+        return result
+
+    experiment.__name__ = experiment.__qualname__ = module
+    return experiment
+
+
+# name -> (experiment, one line on what it shows); the lab runs them in this order.
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "origin": ("origin", "are mu and var gradient-tracked in torch's batch norm? flexbn gives either"),
+    "detach": ("detach", "detached mean: the bias grows without bound while the loss stays fixed"),
+    "nonid": ("nonid", "batches of one or two classes: plain BN vs batch renorm vs per-bag statistics"),
+    "dropout": ("dropout", "dropout before BN: the variance shift, repaired by recompute_stats or "
+                "stats_input"),
+    "ghost": ("ghost", "ghost batch sizes: accuracy and training loss vs virtual_batch_size"),
+    "ddp": ("ddp", "data-parallel training with flexbn.SyncBatchNorm over gloo equals one process"),
+    "speed": ("speed", "training forward+backward time of flexbn vs torch's native batch norm"),
+}  # fmt: skip
+EXPERIMENTS: dict[str, Experiment] = {name: _lazy(mod) for name, (mod, _) in _REGISTRY.items()}
+SUMMARIES: dict[str, str] = {name: line for name, (_, line) in _REGISTRY.items()}
 
 
 def run(
@@ -40,18 +77,23 @@ def run(
     seed: int = 2809,
     out: str | Path | None = None,
     stream: TextIO | None = None,
+    *,
+    quick: bool = False,
 ) -> int:
-    """Run the experiments named in ``only`` (default: all), print them to ``stream`` (default: stdout),
-    and write ``out/report.md`` unless ``out`` is ``None``.
+    """Run the experiments named in ``only`` (default: all, in :data:`EXPERIMENTS`' order; a name given
+    twice runs once), print them to ``stream`` (default: stdout), and write ``out/report.md`` and the
+    figures ``out/*.png`` unless ``out`` is ``None``. ``quick``: the small versions (the whole lab in
+    under a minute on two cores).
 
-    Returns the exit status: 0 if every experiment is ``ok``, 1 otherwise, 2 for an unknown name.
+    Returns the exit status: 0 if every experiment that ran is ``ok``, 1 otherwise, 2 for an unknown
+    name. An experiment whose optional dependency is missing is skipped with a note (stderr and report).
 
     >>> import io
     >>> run(only=["nope"], stream=io.StringIO())
     2
     """
     stream = stream or sys.stdout
-    names = only or list(EXPERIMENTS)
+    names = list(dict.fromkeys(only or EXPERIMENTS))
     unknown = [n for n in names if n not in EXPERIMENTS]
     if unknown:
         print(
@@ -60,16 +102,40 @@ def run(
             file=sys.stderr,
         )
         return 2
-    results = {name: EXPERIMENTS[name](seed) for name in names}
-    for name, r in results.items():
+    from ._common import FIGURES_MISSING, MissingExtra, have_matplotlib
+
+    path = None if out is None else Path(out)
+    notes = [] if path is None or have_matplotlib() else [FIGURES_MISSING]
+    for note in notes:
+        print(f"flexbn lab: {note}", file=sys.stderr)
+    results: dict[str, Result] = {}
+    seconds: dict[str, float] = {}
+    start = time.perf_counter()
+    for name in names:
+        t0 = time.perf_counter()
+        try:
+            r = EXPERIMENTS[name](seed, quick=quick, out=path)
+        except MissingExtra as err:  # an optional dependency (flexbn[lab]) is missing
+            notes.append(f"skipped {name}: it {err}")
+            print(f"flexbn lab: {notes[-1]}", file=sys.stderr)
+            continue
+        results[name] = r
+        seconds[name] = time.perf_counter() - t0
         conclusion = textwrap.fill(r.conclusion, width=100, break_on_hyphens=False)
-        print(f"== {name}: {r.title}\n\n{r.table}\n\n{conclusion}\n", file=stream)
-    if out is not None:
-        path = Path(out)
+        print(
+            f"== {name}: {r.title} ({seconds[name]:.1f} s)\n\n{r.table}\n\n{conclusion}\n",
+            file=stream,
+        )
+        for fig in r.figures:
+            print(f"figure: {fig}", file=stream)
+        if r.figures:
+            print(file=stream)
+    total = time.perf_counter() - start
+    if path is not None:
         path.mkdir(parents=True, exist_ok=True)
         report = path / "report.md"
-        report.write_text(_report(results, seed), encoding="utf-8")
-        print(f"report written to {report}", file=stream)
+        report.write_text(_report(results, seed, quick, notes, path), encoding="utf-8")
+        print(f"report written to {report} ({total:.1f} s in all)", file=stream)
     failed = [n for n, r in results.items() if not r.ok]
     if failed:
         print(f"flexbn lab: FAILED: {', '.join(failed)}", file=sys.stderr)
@@ -77,13 +143,30 @@ def run(
     return 0
 
 
-def _report(results: dict[str, Result], seed: int) -> str:
+def _report(results: dict[str, Result], seed: int, quick: bool, notes: list[str], out: Path) -> str:
+    """``report.md``: a summary line per experiment, then each one's figures, table and conclusion."""
     import torch
 
     from flexbn import __version__
 
-    parts = [f"# flexbn lab\n\nSeed {seed}; flexbn {__version__}, torch {torch.__version__}.\n"]
+    mode = "quick run (--quick)" if quick else "full run"
+    parts = [
+        f"# flexbn lab\n\nSeed {seed}; {mode}; flexbn {__version__}, torch {torch.__version__}.\n",
+        *(f"> {note}\n" for note in notes),
+        "| experiment | what it shows | verdict |\n|---|---|---|",
+    ]
+    parts[-1] += "".join(
+        f"\n| [`{name}`](#{name}) | {SUMMARIES[name]} | {'ok' if r.ok else '**FAILED**'} |"
+        for name, r in results.items()
+    )
+    parts[-1] += "\n"
     for name, r in results.items():
         status = "" if r.ok else " — **FAILED**"
-        parts.append(f"## {r.title} (`{name}`){status}\n\n```\n{r.table}\n```\n\n{r.conclusion}\n")
+        figures = "".join(
+            f"![{r.title}]({Path(os.path.relpath(fig, out)).as_posix()})\n\n" for fig in r.figures
+        )
+        parts.append(
+            f'<a id="{name}"></a>\n\n## {r.title} (`{name}`){status}\n\n{figures}'
+            f"```\n{r.table}\n```\n\n{r.conclusion}\n"
+        )
     return "\n".join(parts)
