@@ -1,7 +1,8 @@
 """Built-in experiments (``flexbn lab``): each answers one question about batch statistics with numbers.
 
 An experiment is a module of this package with a function ``run(seed, *, quick=False, out=None) ->
-Result``, registered in :data:`EXPERIMENTS` under its name (its module is imported only when it runs).
+Result``, registered under its module's name with a one-line summary in :data:`SUMMARIES` (its module is
+imported only when it runs; :data:`EXPERIMENTS` maps the names to the calls).
 ``quick`` makes it small enough that the whole lab runs in under a minute on two cores; ``out`` is the
 directory for its PNG figures (``None``: no figures). :func:`run` executes the selected ones, prints each
 table, conclusion and figure path, and writes ``report.md`` embedding the figures when given a directory.
@@ -57,19 +58,17 @@ def _lazy(module: str) -> Experiment:
     return experiment
 
 
-# name -> (experiment, one line on what it shows); the lab runs them in this order.
-_REGISTRY: dict[str, tuple[str, str]] = {
-    "origin": ("origin", "are mu and var gradient-tracked in torch's batch norm? flexbn gives either"),
-    "detach": ("detach", "detached mean: the bias grows without bound while the loss stays fixed"),
-    "nonid": ("nonid", "batches of one or two classes: plain BN vs batch renorm vs per-bag statistics"),
-    "dropout": ("dropout", "dropout before BN: the variance shift, repaired by recompute_stats or "
-                "stats_input"),
-    "ghost": ("ghost", "ghost batch sizes: accuracy and training loss vs virtual_batch_size"),
-    "ddp": ("ddp", "data-parallel training with flexbn.SyncBatchNorm over gloo equals one process"),
-    "speed": ("speed", "training forward+backward time of flexbn vs torch's native batch norm"),
-}  # fmt: skip
-EXPERIMENTS: dict[str, Experiment] = {name: _lazy(mod) for name, (mod, _) in _REGISTRY.items()}
-SUMMARIES: dict[str, str] = {name: line for name, (_, line) in _REGISTRY.items()}
+# Each experiment's name (its module's) and one line on what it shows; the lab runs them in this order.
+SUMMARIES: dict[str, str] = {
+    "origin": "are mu and var gradient-tracked in torch's batch norm? flexbn gives either",
+    "detach": "detached mean: the bias grows without bound while the loss stays fixed",
+    "nonid": "batches of one or two classes: plain BN vs batch renorm vs per-bag statistics",
+    "dropout": "dropout before BN: the variance shift, repaired by recompute_stats or stats_input",
+    "ghost": "ghost batch sizes: accuracy and training loss vs virtual_batch_size",
+    "ddp": "data-parallel training with flexbn.SyncBatchNorm over gloo equals one process",
+    "speed": "training forward+backward time of flexbn vs torch's native batch norm",
+}
+EXPERIMENTS: dict[str, Experiment] = {name: _lazy(name) for name in SUMMARIES}
 
 
 def run(
