@@ -1,182 +1,225 @@
-"""Speed of flexbn against torch's native batch norm and the hand-written composition, side by side.
+"""flexbn's speed against torch's native batch norm and the hand-written compositions: ``flexbn bench`` as a
+script (the harness and its method: ``flexbn.bench``), and the markdown tables of docs/benchmarks.md from the
+rows it saved.
 
-    python benchmarks/speed.py [--repeats 7] [--quick] [--json rows.json]
-
-For each configuration every variant is timed in turn, round after round (interleaved, so drift of a noisy
-machine hits all alike); the table reports each variant's median time and its ratio to torch native. Inputs
-and upstream gradients are created outside the timed region.
+    python benchmarks/speed.py [flexbn bench options]        # e.g. --shape 64x256x14x14 --json rows.json
+    python benchmarks/speed.py --report rows.json [...]      # markdown tables from saved rows
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import json
-import platform
 import statistics
-import time
-from collections.abc import Callable
+import sys
+from collections.abc import Sequence
 
-import torch
-
-import flexbn
-
-SHAPES = {
-    "(32,64,56,56)": ((32, 64, 56, 56), False),
-    "(32,64,56,56) CL": ((32, 64, 56, 56), True),
-    "(64,256,14,14)": ((64, 256, 14, 14), False),
-    "(4096,1024)": ((4096, 1024), False),
-    "(16,128,512)": ((16, 128, 512), False),
-}
-QUICK_SHAPES = {"(8,32,28,28)": ((8, 32, 28, 28), False), "(512,256)": ((512, 256), False)}
+from flexbn import bench
+from flexbn.bench import Row
 
 
-def composition(x, w, b, detach: bool):
-    dims = (0, *range(2, x.dim()))
-    mean = x.mean(dims, keepdim=True)
-    var = x.var(dims, unbiased=False, keepdim=True)
-    if detach:
-        mean, var = mean.detach(), var.detach()
-    shape = (1, -1) + (1,) * (x.dim() - 2)
-    return (x - mean) / torch.sqrt(var + 1e-5) * w.view(shape) + b.view(shape)
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
 
 
-def loop_per_segment(x, w, b, ids: list[torch.Tensor]):
-    """The hand-written alternative for per-bag / ghost statistics: one batch norm per segment."""
-    y = torch.empty_like(x)
-    for idx in ids:
-        y = y.index_copy(0, idx, torch.nn.functional.batch_norm(x[idx], None, None, w, b, True))
-    return y
+def _backends(rows: Sequence[Row]) -> list[str]:
+    return list(dict.fromkeys(r.backend for r in rows if r.candidate == "flexbn"))
 
 
-def statistics_variants(shape: tuple[int, ...]) -> dict[str, Callable]:
-    """The statistics-set variants (issue 3) next to flexbn's standard path and torch."""
-    n, c = shape[:2]
-    rm, rv = torch.zeros(c), torch.ones(c)
-    mask = torch.rand((n, *shape[2:])) > 0.1
-    groups = torch.randint(0, 8, (n,))
-    bags = [(groups == g).nonzero().flatten() for g in range(8)]
-    chunks = list(torch.arange(n).tensor_split(4))
-    return {
-        "torch": lambda x, w, b: torch.nn.functional.batch_norm(x, rm, rv, w, b, True),
-        "flexbn": lambda x, w, b: flexbn.batch_norm(x, rm, rv, w, b, True),
-        "flexbn mask": lambda x, w, b: flexbn.batch_norm(x, rm, rv, w, b, True, mask=mask),
-        "flexbn groups=8": lambda x, w, b: flexbn.batch_norm(x, rm, rv, w, b, True, groups=groups),
-        "loop of torch per bag": lambda x, w, b: loop_per_segment(x, w, b, bags),
-        "flexbn ghost (4)": lambda x, w, b: flexbn.batch_norm(
-            x, rm, rv, w, b, True, virtual_batch_size=n // 4
-        ),
-        "loop of torch per chunk": lambda x, w, b: loop_per_segment(x, w, b, chunks),
-        # statistics from another tensor that depends on x (as pre-dropout activations do)
-        "flexbn stats_input": lambda x, w, b: flexbn.batch_norm(
-            x, rm, rv, w, b, True, stats_input=x + 0
-        ),
-    }
+def _find(rows: Sequence[Row], **want: object) -> Row | None:
+    return next((r for r in rows if all(getattr(r, k) == v for k, v in want.items())), None)
 
 
-def gradient_variants(shape: tuple[int, ...]) -> dict[str, Callable]:
-    c = shape[1]
-    rm, rv = torch.zeros(c), torch.ones(c)
-    return {
-        "torch": lambda x, w, b: torch.nn.functional.batch_norm(x, rm, rv, w, b, True),
-        "flexbn": lambda x, w, b: flexbn.batch_norm(x, rm, rv, w, b, True),
-        "flexbn detached": lambda x, w, b: flexbn.batch_norm(
-            x, rm, rv, w, b, True, detach_mean=True, detach_var=True
-        ),
-        "composition": lambda x, w, b: composition(x, w, b, False),
-        "composition detached": lambda x, w, b: composition(x, w, b, True),
-    }
+def _configs(rows: Sequence[Row]) -> list[tuple[str, str]]:
+    return list(dict.fromkeys((r.shape, r.layout) for r in rows))
 
 
-def step(f: Callable, x, w, b, dy, backward: bool) -> None:
-    y = f(x, w, b)
-    if backward:
-        torch.autograd.grad(y, (x, w, b), dy)
+def _name(shape: str, layout: str) -> str:
+    return f"({shape.replace('x', ',')})" + (" CL" if layout == "channels_last" else "")
 
 
-def timed(fn: Callable[[], object], inner: int) -> float:
-    start = time.perf_counter()
-    for _ in range(inner):
-        fn()
-    return (time.perf_counter() - start) / inner
+def _table(head: list[str], lines: list[list[str]]) -> str:
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(out + ["| " + " | ".join(cells) + " |" for cells in lines])
 
 
-def run(shapes: dict, repeats: int, inner: int, variant_set: Callable) -> list[dict]:
-    rows = []
-    for name, (shape, cl) in shapes.items():
-        c = shape[1]
-        x = torch.randn(shape)
-        if cl:
-            x = x.to(memory_format=torch.channels_last)
-        x.requires_grad_()
-        w = torch.rand(c).add_(0.5).requires_grad_()
-        b = torch.randn(c).requires_grad_()
-        dy = torch.randn_like(x)
-        fns = variant_set(shape)
-        for phase in ("forward", "forward+backward"):
-            samples: dict[str, list[float]] = {k: [] for k in fns}
-            backward = phase == "forward+backward"
-            for _ in range(repeats):
-                for key, f in fns.items():
-                    call = functools.partial(step, f, x, w, b, dy, backward)
-                    call()  # warm-up of this variant's allocations
-                    samples[key].append(timed(call, inner))
-            base = statistics.median(samples["torch"])
-            standard = statistics.median(samples["flexbn"])
-            for key, s in samples.items():
-                med = statistics.median(s)
-                rows.append(
-                    {
-                        "shape": name,
-                        "phase": phase,
-                        "variant": key,
-                        "median_ms": round(med * 1e3, 3),
-                        "ratio_to_torch": round(med / base, 3),
-                        "ratio_to_flexbn": round(med / standard, 3),
-                    }
+def standard_table(rows: Sequence[Row]) -> str:
+    """Per shape: native's forward+backward milliseconds; flexbn's standard path (each backend) per pass
+    and the compositions' forward+backward, as a multiple of native. flexbn's standard path and native are
+    timed side by side in every (shape, variant) block: the median over the blocks is shown."""
+    backends = _backends(rows)
+    head = ["shape", "native fwd+bwd ms"]
+    head += [f"[{b}] {p}" for b in backends for p in bench.PASSES]
+    head += ["composition fwd+bwd", "compiled fwd+bwd"]
+    lines = []
+    for shape, layout in _configs(rows):
+        rs = [r for r in rows if (r.shape, r.layout, r.metric) == (shape, layout, "time")]
+        native = [r.median for r in rs if r.candidate == "native" and r.pass_ == "fwd+bwd"]
+        if not native:
+            continue
+        cells = [_name(shape, layout), f"{statistics.median(native):.2f}"]
+        for b in backends:
+            for p in bench.PASSES:
+                ratios = [
+                    r.ratio_native
+                    for r in rs
+                    if r.backend == b
+                    and r.pass_ == p
+                    and r.ratio_native is not None
+                    and (
+                        r.candidate == "flexbn-standard"
+                        or (r.candidate == "flexbn" and r.variant == "standard")
+                    )
+                ]
+                cells.append(_x(statistics.median(ratios) if ratios else None))
+        for cand in ("composition", "compiled"):
+            r = _find(rs, candidate=cand, variant="standard", pass_="fwd+bwd")
+            cells.append(_x(r and r.ratio_native))
+        lines.append(cells)
+    return _table(head, lines)
+
+
+def memory_table(rows: Sequence[Row]) -> str:
+    """Per shape: bytes saved for backward by the standard forward as a multiple of the input's, per
+    candidate; and the most flexbn keeps beyond its inputs over every variant, in bytes per channel."""
+    backends = _backends(rows)
+    labels = [("native", "")] + [("flexbn", b) for b in backends]
+    labels += [("composition", ""), ("compiled", "")]
+    head = ["shape", "input MiB"] + [f"{c} [{b}]" if b else c for c, b in labels]
+    head.append("flexbn, any variant: extra bytes per channel")
+    lines = []
+    for shape, layout in _configs(rows):
+        saved = [r for r in rows if (r.shape, r.layout, r.metric) == (shape, layout, "saved")]
+        std = [r for r in saved if r.variant == "standard"]
+        if not std:
+            continue
+        cells = [_name(shape, layout), f"{std[0].input_bytes / 2**20:.1f}"]
+        for cand, b in labels:
+            r = _find(std, candidate=cand, backend=b)
+            cells.append(_x(r and r.median / r.input_bytes))
+        channels = int(shape.split("x")[1])
+        extra = [(r.median - r.input_bytes) / channels for r in saved if r.candidate == "flexbn"]
+        cells.append(f"{max(extra):.0f}")
+        lines.append(cells)
+    return _table(head, lines)
+
+
+def variants_table(rows: Sequence[Row], pass_: str = "fwd+bwd") -> str:
+    """Per shape and variant: flexbn (each backend) as a multiple of native, of its own standard path, of
+    the eager composition and of the compiled composition."""
+    backends = _backends(rows)
+    columns = [
+        ("x native", "ratio_native"),
+        ("x standard", "ratio_standard"),
+        ("x composition", "ratio_composition"),
+        ("x compiled", "ratio_compiled"),
+    ]
+    head = ["shape", "variant"] + [f"[{b}] {name}" for b in backends for name, _ in columns]
+    lines = []
+    for shape, layout in _configs(rows):
+        for variant in bench.VARIANTS:
+            found = [
+                _find(
+                    rows,
+                    shape=shape,
+                    layout=layout,
+                    variant=variant,
+                    candidate="flexbn",
+                    backend=b,
+                    metric="time",
+                    pass_=pass_,
                 )
-    return rows
+                for b in backends
+            ]
+            if any(found):
+                cells = [_name(shape, layout), variant]
+                cells += [_x(r and getattr(r, attr)) for r in found for _, attr in columns]
+                lines.append(cells)
+    return _table(head, lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--inner", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="small shapes only")
-    parser.add_argument(
-        "--json", help="also write the rows (with device and versions) to this file"
-    )
-    parser.add_argument(
-        "--set",
-        choices=["gradient", "statistics"],
-        default="gradient",
-        help="gradient: detach modes vs the hand composition; statistics: mask/groups/ghost/stats_input",
-    )
-    args = parser.parse_args()
-    torch.manual_seed(0)
-    variant_set = gradient_variants if args.set == "gradient" else statistics_variants
-    rows = run(QUICK_SHAPES if args.quick else SHAPES, args.repeats, args.inner, variant_set)
-    meta = {
-        "device": platform.processor() or platform.machine(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "flexbn": flexbn.__version__,
-        "dtype": "float32",
-        "set": args.set,
-    }
-    print(", ".join(f"{k}={v}" for k, v in meta.items()))
-    print(
-        f"{'shape':<18} {'phase':<17} {'variant':<24} {'median ms':>10} {'x torch':>8} {'x flexbn':>9}"
-    )
-    for r in rows:
-        print(
-            f"{r['shape']:<18} {r['phase']:<17} {r['variant']:<24} "
-            f"{r['median_ms']:>10.2f} {r['ratio_to_torch']:>8.2f} {r['ratio_to_flexbn']:>9.2f}"
+def first_call_table(rows: Sequence[Row]) -> str:
+    """Per shape: first training forward+backward in ms, median over the variants, per candidate."""
+    labels = list(
+        dict.fromkeys(
+            (r.candidate, r.backend)
+            for r in rows
+            if r.metric == "first_call" and r.candidate != "flexbn-standard"
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    )
+    head = ["shape"] + [f"{c} [{b}]" if b else c for c, b in labels]
+    lines = []
+    for shape, layout in _configs(rows):
+        cells = [_name(shape, layout)]
+        for cand, backend in labels:
+            ms = [
+                r.median
+                for r in rows
+                if (r.shape, r.layout, r.candidate, r.backend, r.metric, r.pass_)
+                == (shape, layout, cand, backend, "first_call", "fwd+bwd")
+            ]
+            cells.append(f"{statistics.median(ms):.0f}" if ms else "-")
+        lines.append(cells)
+    return _table(head, lines)
+
+
+def targets_table(rows: Sequence[Row]) -> str:
+    """The issue's targets (``flexbn.bench.targets``) per backend: the worst measured value and where."""
+    lines = [
+        [
+            t.name,
+            t.backend,
+            f"{t.limit:.2f}",
+            f"{t.worst:.2f}",
+            t.where,
+            "yes" if t.met else "**no**",
+        ]
+        for t in bench.targets(rows)
+    ]
+    return _table(["target", "backend", "limit", "worst measured", "where", "met"], lines)
+
+
+def report(rows: Sequence[Row]) -> str:
+    r = rows[0]
+    loads = [x.load for x in rows]
+    meta = (
+        f"{r.device}, {r.threads} threads, {r.dtype}, torch {r.torch}, flexbn {r.flexbn}, "
+        f"Python {r.python}; 1-minute load average while measuring {min(loads):.1f}-{max(loads):.1f}"
+    )
+    return "\n\n".join(
+        [
+            meta,
+            "Standard path, as a multiple of torch native (lower is better; median over the blocks):",
+            standard_table(rows),
+            "Memory saved for backward, standard path, as a multiple of the input:",
+            memory_table(rows),
+            "Variants, training forward+backward:",
+            variants_table(rows),
+            "Variants, eval:",
+            variants_table(rows, "eval"),
+            "First call (ms, training forward+backward, median over the variants):",
+            first_call_table(rows),
+            "Targets:",
+            targets_table(rows),
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    bench.add_arguments(parser)
+    parser.add_argument(
+        "--report",
+        nargs="+",
+        metavar="JSON",
+        help="print the markdown tables of rows saved with --json (several files are merged)",
+    )
+    args = parser.parse_args(argv)
+    if args.report:
+        rows = [r for path in args.report for r in bench.read_json(path)]
+        print(report(rows))
+        return 0
+    return bench.run_cli(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import audit
+from . import audit, bench
 from .lab import EXPERIMENTS, SUMMARIES, run
 
 
@@ -14,6 +14,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="flexbn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     audit.add_parser(sub)
+    bench.add_parser(sub)
     lab = sub.add_parser(
         "lab",
         help="run the built-in experiments and print their conclusions",
@@ -49,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "audit":
         return audit.run_cli(args)
+    if args.command == "bench":
+        return bench.run_cli(args)
     return run(only=args.only, seed=args.seed, out=args.out, quick=args.quick)
 
 
