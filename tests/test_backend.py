@@ -36,6 +36,13 @@ def test_choice_api(monkeypatch: pytest.MonkeyPatch) -> None:
         flexbn.get_backend()
     with pytest.raises(ValueError, match="but got 'fast'"):
         flexbn.set_backend("fast")
+    monkeypatch.setenv("FLEXBN_BACKEND", "reference")
+    try:
+        flexbn.set_backend("auto")  # an explicit choice overrides the environment
+        assert flexbn.get_backend() == "auto"
+    finally:
+        flexbn.set_backend(None)
+    assert flexbn.get_backend() == "reference"
 
 
 def test_explicit_compiled_without_compiler_raises(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -5,11 +5,16 @@
   input, each a separate torch kernel.
 * ``compiled``: the same functions compiled by ``torch.compile`` (Inductor: C++/OpenMP loops on CPU, Triton on
   CUDA), so each becomes one or two fused loops over the input. Same formulas, same numerics (the two-pass
-  ``shift + delta`` moments), results equal to rounding. Shapes are dynamic: one compilation per
-  configuration (dtype, rank, memory layout, options, statistics set), not per shape; Inductor caches the
-  generated code on disk, so later processes pay only the tracing (see ``flexbn bench`` for first-call costs).
-* ``auto`` (the default): ``compiled`` where it can run -- a C++ compiler for CPU tensors, Triton for CUDA --
-  else ``reference`` (said once at debug level on the ``flexbn`` logger).
+  ``shift + delta`` moments), results equal to rounding. Each configuration (dtype, rank, memory layout,
+  options, statistics set) compiles separately, first for its first shape and, at a second shape, once more
+  with dynamic shapes (``torch.compile``'s default); Inductor caches the generated code on disk, so later
+  processes pay only the tracing (``flexbn bench`` reports first-call costs).
+* ``auto``: ``compiled`` where it can run -- a C++ compiler for CPU tensors, Triton for CUDA -- else
+  ``reference`` (said once at debug level on the ``flexbn`` logger).
+
+The default is ``reference`` for now: ``compiled`` is faster in steady state on every measured shape
+(``docs/benchmarks.md``), but beats torch's native kernel only on NCHW and ``(N, C, L)`` input, and costs
+seconds of compilation at a configuration's first call.
 
 ``flexbn.set_backend(name)`` or the environment variable ``FLEXBN_BACKEND`` choose; explicitly asking for
 ``compiled`` where it cannot run raises. Whatever the choice, the reference runs where compiling cannot help
@@ -37,9 +42,8 @@ __all__ = ["BACKENDS", "fused", "get_backend", "set_backend", "use_backend"]
 
 BACKENDS = ("auto", "reference", "compiled")
 _log = logging.getLogger("flexbn")
-_DYNAMIC = {"1": True, "0": False}.get(os.environ.get("FLEXBN_DYNAMIC", ""))
 _DEFAULT = "reference"  # until the compiled path is measured faster everywhere ("auto" then)
-_selected: list[str] = []  # the explicit choice, if any (else the environment's, else "auto")
+_selected: list[str] = []  # the explicit choice, if any (else the environment's, else _DEFAULT)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -52,7 +56,7 @@ def _check_name(name: object) -> str:
 
 
 def get_backend() -> str:
-    """The selected backend: ``set_backend``'s, else ``$FLEXBN_BACKEND``, else ``"auto"``.
+    """The selected backend: ``set_backend``'s, else ``$FLEXBN_BACKEND``, else ``"reference"``.
 
     >>> import flexbn
     >>> flexbn.get_backend() in flexbn.BACKENDS
@@ -63,15 +67,19 @@ def get_backend() -> str:
     return _check_name(os.environ.get("FLEXBN_BACKEND", _DEFAULT) or _DEFAULT)
 
 
-def set_backend(name: str) -> None:
-    """Select the backend for every flexbn call in this process: ``"auto"`` (default), ``"reference"`` or
-    ``"compiled"``. Asking for ``"compiled"`` where it cannot run raises ``RuntimeError``.
+def set_backend(name: str | None) -> None:
+    """Select the backend for every flexbn call in this process: ``"reference"`` (default), ``"auto"`` or
+    ``"compiled"``; ``None`` goes back to ``$FLEXBN_BACKEND`` or the default. Asking for ``"compiled"``
+    where it cannot run raises ``RuntimeError``.
 
     >>> import flexbn
-    >>> flexbn.set_backend("reference"); flexbn.get_backend()
-    'reference'
-    >>> flexbn.set_backend("auto")
+    >>> flexbn.set_backend("auto"); flexbn.get_backend()
+    'auto'
+    >>> flexbn.set_backend(None)
     """
+    if name is None:
+        _selected.clear()
+        return
     name = _check_name(name)
     if name == "compiled" and not available("cpu") and not available("cuda"):
         raise RuntimeError(f"flexbn backend 'compiled' is unavailable here: {_why_not('cpu')}")
@@ -187,7 +195,7 @@ def fused(fn: F) -> F:
                     fn.__closure__,
                 )
                 clone.__kwdefaults__ = fn.__kwdefaults__
-                compiled = copies[key] = torch.compile(clone, dynamic=_DYNAMIC)
+                compiled = copies[key] = torch.compile(clone)
             return compiled(*args, **kwargs)
 
     run.reference = fn  # type: ignore[attr-defined]
