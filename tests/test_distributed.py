@@ -200,6 +200,8 @@ def _errors(rank: int, world: int) -> None:
         "more than 1 value",
         lambda: bn(torch.randn(2, 3, 2), groups=torch.tensor([4, 5]), mask=hidden),
     )
+    huge = torch.tensor([2**60 if rank == 0 else 1, 1, 2, 2])  # one rank's ids float64 cannot carry
+    _expect_error("groups ids must lie in", lambda: bn(torch.randn(4, 3), groups=huge))
     # One value per channel locally is fine when the global batch has more.
     assert bn(torch.randn(1, 3)).shape == (1, 3)
     with pytest.raises(ValueError, match="virtual_batch_size"):
@@ -357,6 +359,21 @@ def test_without_process_group_is_local_batch_norm() -> None:
     assert_close(sync.running_var, local.running_var)
     g = torch.randn_like(y)
     assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0])
+
+
+def test_process_group_excludes_ghost_batches_even_on_one_rank() -> None:
+    """Code that passes on one process must not start failing when scaled out."""
+    with pytest.raises(
+        ValueError, match="virtual_batch_size cannot be combined with process_group"
+    ):
+        flexbn.batch_norm(
+            torch.randn(8, 3),
+            None,
+            None,
+            training=True,
+            virtual_batch_size=4,
+            process_group=object(),
+        )
 
 
 def test_module_interface_matches_torch() -> None:

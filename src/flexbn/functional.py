@@ -194,6 +194,11 @@ def core_arguments(
 ) -> tuple[Any, ...]:
     """Validate :func:`batch_norm`'s arguments and return the positional arguments of the core
     (``_core.batch_norm`` / ``_core.batch_norm_functional``, shared with ``flexbn.func``)."""
+    if process_group is not None and virtual_batch_size is not None:
+        raise ValueError(
+            "virtual_batch_size cannot be combined with process_group: ghost batches are chunks of one "
+            "process's batch (pass one of them)"
+        )
     group = _core.sync.active_group(process_group) if training is True else None
     check_inputs(
         input,

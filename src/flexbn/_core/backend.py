@@ -169,7 +169,9 @@ def _signature(value: Any) -> Any:
         return (value.dtype, value.dim(), value.device.type, value.is_contiguous())
     if isinstance(value, tuple):
         return tuple(_signature(v) for v in value)
-    return value if isinstance(value, (bool, int, float, str, type(None))) else type(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return int  # a count (e.g. of bags) varies per batch: Dynamo's own guards handle its value
+    return value if isinstance(value, (bool, float, str, type(None))) else type(value)
 
 
 def fused(fn: F) -> F:

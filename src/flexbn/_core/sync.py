@@ -42,6 +42,7 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 # Bits of the header's options field (detach_mean 1, detach_var 2, stats_input 4, mask, groups).
 MASK, GROUPS = 8, 16
+_HUGE_IDS = 32  # not a configuration: this rank has bag ids that float64 cannot carry exactly
 
 
 def active_group(group: Any) -> Any:
@@ -77,6 +78,8 @@ def _check_headers(headers: Tensor, groups: bool) -> None:
         if field == "local segments" and groups:
             continue  # bags differ between ranks; their ids are global
         column = headers[:, i]
+        if field == "options":
+            column = column.long() & ~_HUGE_IDS
         if not bool((column == column[0]).all()):
             values = column.tolist()
             if field == "dtype":
@@ -112,6 +115,8 @@ def exchange(
     bags = seg.keys is not None
     options = sum(bit for bit, on in zip((1, 2, 4), flags, strict=True) if on)
     options += MASK * (seg.mask is not None) + GROUPS * bags
+    if bags and bool((seg.keys.abs() > 2**53).any()):
+        options += _HUGE_IDS  # told to every rank in the first exchange, so that every rank raises
     local = seg.num if bags else 1  # a rank with an empty batch sends a row with count 0
     # Rows: [count, mean (C), biased variance (C)] per local segment, float64.
     if x.numel() == 0:
@@ -136,11 +141,15 @@ def exchange(
         # First exchange: headers only (same size as the plain packet), to agree on the table size.
         first = torch.cat([header, header.new_zeros(width)])
         headers = _gather(first, group)[:, :_HEADER]
+        huge = (headers[:, _FIELDS.index("options")].long() & _HUGE_IDS).nonzero().flatten()
+        if huge.numel():
+            raise ValueError(
+                "groups ids must lie in [-2**53, 2**53] to be exchanged between ranks, but rank(s) "
+                f"{huge.tolist()} of the process group have larger ones"
+            )
         _check_headers(headers, groups=True)
         most = int(headers[:, -1].max().item())
         keys = seg.keys.to(torch.float64)
-        if bool((keys.abs() > 2**53).any()):
-            raise ValueError("groups ids must lie in [-2**53, 2**53] to be exchanged between ranks")
         packet = torch.cat(
             [
                 header,
