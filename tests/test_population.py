@@ -460,7 +460,8 @@ def _distributed_worker(rank: int, init_file: str) -> None:
         mean, var = population(rank_data(0) + rank_data(1))
         assert_close(model.sync.running_mean, mean)
         assert_close(model.sync.running_var, var)
-        assert int(model.sync.num_batches_tracked) == len(rank_data(rank))
+        # The most batches any rank saw (2 and 3 here): the same on every rank.
+        assert int(model.sync.num_batches_tracked) == max(len(rank_data(r)) for r in range(2))
         mean, var = population(rank_data(rank))
         assert_close(model.plain.running_mean, mean)
         assert_close(model.plain.running_var, var)

@@ -206,15 +206,18 @@ def _all_gather_merge(pop: _Population, module: nn.Module) -> None:
     group = module.process_group or dist.group.WORLD
     if dist.get_world_size(group) < 2:
         return
-    packed = torch.cat([pop.n, pop.mean, pop.m2], 1)
+    calls = pop.calls.to(pop.n.dtype).reshape(-1, 1)
+    packed = torch.cat([pop.n, pop.mean, pop.m2, calls], 1)
     parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, packed, group=group)
-    calls = pop.calls
     merged = _Population(pop.mean.shape[0], pop.mean.shape[1], pop.mean.device)
     for part in parts:
-        n, mean, m2 = part.split([1, pop.mean.shape[1], pop.mean.shape[1]], 1)
+        n, mean, m2, _ = part.split([1, pop.mean.shape[1], pop.mean.shape[1], 1], 1)
         merged.merge(n, mean, m2)
-    pop.n, pop.mean, pop.m2, pop.calls = merged.n, merged.mean, merged.m2, calls
+    # The most calls any process made: the same num_batches_tracked on every rank, also on one whose
+    # share of the data was empty.
+    most = torch.stack([part[:, -1] for part in parts]).amax(0).to(pop.calls.dtype)
+    pop.n, pop.mean, pop.m2, pop.calls = merged.n, merged.mean, merged.m2, most
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
@@ -281,7 +284,8 @@ def recompute_stats(
       so every process runs this pass); other layers use the data this process sees.
 
     ``num_batches_tracked`` becomes the number of forward calls that brought the layer elements (per
-    domain for ``DomainBatchNorm``), as ``update_bn`` leaves it. A layer the data never reaches keeps its
+    domain for ``DomainBatchNorm``; for a layer synchronised across processes the most any process made,
+    the same on every rank), as ``update_bn`` leaves it. A layer the data never reaches keeps its
     buffers and a ``UserWarning`` names it; a domain absent from the data keeps its rows silently (AdaBN
     on one domain is the point). Layers with ``track_running_stats=False`` are skipped. Each module's
     train/eval state is restored and nothing else is changed (``momentum``, hooks, frozen layers of
