@@ -127,3 +127,38 @@ def test_reference_where_compiling_cannot_help() -> None:
         gx.sum().backward()
     assert y.shape == x.shape
     assert len(stats.moments.compiled) <= count + 1  # at most the double backward's first forward
+
+
+def test_auto_falls_back_when_compiling_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto: a configuration the compiler cannot build runs the reference (same result), once failed
+    never retried; compiled: the error propagates."""
+    calls = []
+
+    def broken_compile(fn, *args, **kwargs):
+        def run(*a, **k):
+            calls.append(fn.__name__)
+            raise RuntimeError("C++ compile error: cannot find Python.h")
+
+        return run
+
+    monkeypatch.setattr(backend, "available", lambda device: True)
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    functions = (stats.moments, autograd.normalize, autograd.backward_formula)
+    saved = {f: dict(f.compiled) for f in functions}
+    try:
+        for f in functions:
+            f.compiled.clear()
+        x = torch.randn(6, 3, 4, requires_grad=True)
+        expected = flexbn.batch_norm(x, None, None, training=True)
+        with flexbn.use_backend("auto"):
+            for _ in range(2):
+                assert_close(flexbn.batch_norm(x, None, None, training=True), expected)
+        assert calls.count("moments") == 1  # the failed configuration is not compiled again
+        with flexbn.use_backend("compiled"):
+            stats.moments.compiled.clear()
+            with pytest.raises(RuntimeError, match=r"cannot find Python\.h"):
+                flexbn.batch_norm(x, None, None, training=True)
+    finally:  # the real compiled copies, for the tests that follow
+        for f in functions:
+            f.compiled.clear()
+            f.compiled.update(saved[f])

@@ -10,7 +10,9 @@
   with dynamic shapes (``torch.compile``'s default); Inductor caches the generated code on disk, so later
   processes pay only the tracing (``flexbn bench`` reports first-call costs).
 * ``auto``: ``compiled`` where it can run -- a C++ compiler for CPU tensors, Triton for CUDA -- else
-  ``reference`` (said once at debug level on the ``flexbn`` logger).
+  ``reference`` (said once at debug level on the ``flexbn`` logger); a configuration whose compilation
+  fails runs the reference from then on (a warning on the ``flexbn`` logger), so ``auto`` costs speed at
+  worst, never a result. Explicit ``compiled`` lets the error through.
 
 The default is ``reference`` for now: ``compiled`` is faster in steady state on every measured shape
 (``docs/benchmarks.md``), but beats torch's native kernel only on NCHW and ``(N, C, L)`` input, and costs
@@ -198,7 +200,20 @@ def fused(fn: F) -> F:
                 )
                 clone.__kwdefaults__ = fn.__kwdefaults__
                 compiled = copies[key] = torch.compile(clone)
-            return compiled(*args, **kwargs)
+            if compiled is fn:  # compiling this configuration failed before: the reference
+                return fn(*args, **kwargs)
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as err:
+                if get_backend() == "compiled":
+                    raise
+                # auto: a compiler that cannot build this configuration (a broken toolchain, an
+                # unsupported operation) costs speed, never the result.
+                _log.warning(
+                    "flexbn: compiling %s failed (%s); using the reference", fn.__name__, err
+                )
+                copies[key] = fn
+                return fn(*args, **kwargs)
 
     run.reference = fn  # type: ignore[attr-defined]
     run.compiled = copies  # type: ignore[attr-defined]  # configuration -> compiled copy (introspection)
