@@ -8,7 +8,6 @@ reported by its own test, so a failure names the case and the rank.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import datetime
 import json
@@ -321,8 +320,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
         if name != "timeout":  # after it the group's connections may be closed
             dist.barrier()
-    with contextlib.suppress(Exception):
-        dist.destroy_process_group()
+    # Leave without the C++ destructors: tearing down gloo's threads at interpreter exit can abort the
+    # process ("terminate called without an active exception"); the results are written.
+    os._exit(0)
 
 
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}-ranks")
