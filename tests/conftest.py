@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+
 import pytest
 import torch
 from torch import Tensor
+
+import flexbn
+from flexbn._core import backend as _backend
 
 # The four gradient modes (which statistics are detached), for parametrize: (detach_mean, detach_var).
 MODES = [
@@ -87,3 +93,40 @@ def manual_batch_norm(
 def _seed() -> None:
     """Every test starts from the same random state."""
     torch.manual_seed(0)
+
+
+# Every test runs once per backend: the pure-torch reference and the C++ kernels (issue 6: the fast path
+# must not change any result). A module that chooses backends itself opts out with
+# ``pytestmark = pytest.mark.one_backend``.
+BACKEND_PARAMS = [
+    pytest.param("reference", id="reference"),
+    pytest.param(
+        "cpp",
+        id="cpp",
+        marks=pytest.mark.skipif(
+            not _backend.cpp_available(), reason="no C++ compiler for the kernels"
+        ),
+    ),
+]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if metafunc.definition.get_closest_marker("one_backend") is None:
+        metafunc.fixturenames.append("flexbn_backend")
+        metafunc.parametrize("flexbn_backend", BACKEND_PARAMS, indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def flexbn_backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The backend a test runs on, also for the processes it starts (``$FLEXBN_BACKEND``)."""
+    name = request.param
+    before = os.environ.get("FLEXBN_BACKEND")
+    os.environ["FLEXBN_BACKEND"] = name
+    try:
+        with flexbn.use_backend(name):
+            yield name
+    finally:
+        if before is None:
+            del os.environ["FLEXBN_BACKEND"]
+        else:
+            os.environ["FLEXBN_BACKEND"] = before

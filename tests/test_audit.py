@@ -192,13 +192,6 @@ MODELS = textwrap.dedent(
 )
 
 
-@pytest.fixture(autouse=True)
-def _reference_backend(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The audit checks whichever backend runs; compiling one per layer configuration would only cost
-    time here (the compiled backend's own tests compare it with the reference)."""
-    monkeypatch.setenv("FLEXBN_BACKEND", "reference")
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("audit") / "models.py"

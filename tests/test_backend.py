@@ -1,29 +1,38 @@
-"""The backend choice (reference / compiled / auto) and the compiled path's equality with the reference.
+"""The backend choice (auto / reference / cpp / compiled), the C++ kernels' build, cache and fallbacks, and
+the compiled path's equality with the reference.
 
-Compiling is slow on a 2-core machine (Inductor generates and builds C++), so the compiled path is checked on
-a handful of representative configurations -- each a different set of fused kernels -- rather than the whole
-suite; the reference path is what every other test runs.
+Every other test runs on both the reference and the C++ kernels (``conftest.BACKEND_PARAMS``). Compiling
+with Inductor is slow on a 2-core machine, so the compiled path is checked on a handful of representative
+configurations -- each a different set of fused kernels -- rather than the whole suite.
 """
 
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import flexbn
 from conftest import assert_close
-from flexbn._core import autograd, backend, stats
+from flexbn._core import autograd, backend, kernels, stats
 
+needs_kernels = pytest.mark.skipif(
+    not backend.cpp_available(), reason="no C++ compiler for the kernels"
+)
 needs_compiler = pytest.mark.skipif(
     not backend.available("cpu"), reason="no C++ compiler for Inductor's CPU code"
 )
 
+pytestmark = pytest.mark.one_backend  # these tests choose their backends themselves
+
 
 def test_choice_api(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("FLEXBN_BACKEND", raising=False)
-    assert (
-        flexbn.get_backend() == "reference"
-    )  # the default until the compiled path is measured faster
+    assert flexbn.get_backend() == "auto"
     with flexbn.use_backend("auto"):
         assert flexbn.get_backend() == "auto"
         with flexbn.use_backend("reference"):
@@ -32,7 +41,9 @@ def test_choice_api(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FLEXBN_BACKEND", "auto")
     assert flexbn.get_backend() == "auto"
     monkeypatch.setenv("FLEXBN_BACKEND", "fast")
-    with pytest.raises(ValueError, match="backend must be one of 'auto', 'reference', 'compiled'"):
+    with pytest.raises(
+        ValueError, match="backend must be one of 'auto', 'reference', 'cpp', 'compiled'"
+    ):
         flexbn.get_backend()
     with pytest.raises(ValueError, match="but got 'fast'"):
         flexbn.set_backend("fast")
@@ -43,6 +54,150 @@ def test_choice_api(monkeypatch: pytest.MonkeyPatch) -> None:
     finally:
         flexbn.set_backend(None)
     assert flexbn.get_backend() == "reference"
+
+
+def _count_kernel_calls(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    calls: dict[str, int] = {}
+    for name, fn in list(kernels.IMPLEMENTATIONS.items()):
+
+        def counted(*args, _fn=fn, _name=name, **kwargs):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _fn(*args, **kwargs)
+
+        monkeypatch.setitem(kernels.IMPLEMENTATIONS, name, counted)
+    return calls
+
+
+@needs_kernels
+@pytest.mark.parametrize("which", ["auto", "cpp"])
+def test_kernels_run_on_cpu(monkeypatch: pytest.MonkeyPatch, which: str) -> None:
+    """auto and cpp run the C++ kernels for CPU training and eval, forward and backward, every dtype."""
+    calls = _count_kernel_calls(monkeypatch)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = torch.randn(6, 3, 4, dtype=dtype, requires_grad=True)
+        with flexbn.use_backend(which):
+            y = flexbn.batch_norm(x, None, None, training=True)
+            y.sum().backward()
+            stat = torch.float32 if dtype == torch.bfloat16 else dtype
+            flexbn.batch_norm(
+                x, torch.zeros(3, dtype=stat), torch.ones(3, dtype=stat), training=False
+            )
+        expected = flexbn.batch_norm(x.double(), None, None, training=True)
+        assert y.dtype == dtype
+        assert_close(y, expected, dtype=dtype)
+    assert calls == {"moments": 3, "normalize": 6, "backward_formula": 3}
+
+
+@needs_kernels
+def test_kernels_leave_transforms_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch.func transforms and double backward the reference runs (it builds graphs); empty
+    input too."""
+    calls = _count_kernel_calls(monkeypatch)
+    x = torch.randn(3, 6, 4, dtype=torch.float64, requires_grad=True)
+    with flexbn.use_backend("cpp"):
+        torch.func.vmap(lambda t: flexbn.batch_norm(t, None, None, training=True))(x)
+        y = flexbn.batch_norm(x[0], None, None, training=True)
+        assert calls.pop("moments") == 1
+        assert calls.pop("normalize") == 1
+        (gx,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
+        assert "backward_formula" not in calls
+        gx.sum().backward()  # reaches y's own (first-order) backward once more: that one is a kernel
+        assert calls.pop("backward_formula") == 1
+        flexbn.batch_norm(torch.empty(0, 3), torch.zeros(3), torch.ones(3), training=False)
+    assert not calls
+
+
+def test_cpp_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Explicit cpp without a compiler raises (saying why); auto falls back to the reference."""
+    monkeypatch.setattr(backend, "cpp_available", lambda: False)
+    monkeypatch.setattr(kernels, "why_not", lambda: "no C++ compiler found (set $CXX)")
+    with pytest.raises(RuntimeError, match=r"'cpp' is unavailable here: no C\+\+ compiler"):
+        flexbn.set_backend("cpp")
+    calls = _count_kernel_calls(monkeypatch)
+    with flexbn.use_backend("auto"):
+        y = flexbn.batch_norm(torch.randn(4, 3), None, None, training=True)
+    assert y.shape == (4, 3)
+    assert not calls
+
+
+@needs_kernels
+def test_cpp_on_other_devices_raises() -> None:
+    with (
+        flexbn.use_backend("cpp"),
+        pytest.raises(RuntimeError, match="CPU tensors only, not on meta"),
+    ):
+        flexbn.batch_norm(torch.randn(4, 3, device="meta"), None, None, training=True)
+
+
+@needs_kernels
+def test_kernels_check_segment_ids() -> None:
+    """A segment id outside the table is refused by the kernel itself (no out-of-bounds write)."""
+    x = torch.randn(4, 3)
+    seg = stats.Segments(ids=torch.tensor([0, 1, 2, 5]), num=3, counts=torch.ones(3, 1))
+    with pytest.raises(ValueError, match=r"segment ids must lie in \[0, number of segments\)"):
+        kernels.moments(x, seg)
+
+
+@needs_kernels
+def test_kernel_build_is_cached_across_processes(tmp_path) -> None:
+    """The first process builds the library into the cache directory (and reports the time); the next
+    loads it."""
+    env = {**os.environ, "FLEXBN_CACHE_DIR": str(tmp_path)}
+    code = (
+        "import json, torch, flexbn\n"
+        "from flexbn._core import kernels\n"
+        "flexbn.set_backend('cpp'); flexbn.batch_norm(torch.randn(4, 3), None, None, training=True)\n"
+        "print(json.dumps(kernels.build_info()))"
+    )
+    runs = [
+        json.loads(
+            subprocess.run(
+                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+            ).stdout
+        )
+        for _ in range(2)
+    ]
+    assert [r["cached"] for r in runs] == [False, True]
+    assert runs[0]["seconds"] > 0
+    assert runs[1]["seconds"] == 0
+    assert runs[0]["path"] == runs[1]["path"]
+    assert runs[0]["path"].startswith(str(tmp_path))
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    ("shape", "channels_last", "groups"),
+    [
+        pytest.param((64, 40, 3, 5), True, 64, id="channels_last-rows-per-thread"),
+        pytest.param((2048, 520, 1, 2), True, 2048, id="channels_last-many-segments-channel-split"),
+        pytest.param((40, 1, 9, 9), False, 5, id="NCHW-one-channel"),
+        pytest.param((33, 70), False, 1, id="NC-one-segment"),
+    ],
+)
+def test_kernels_thread_splits(shape, channels_last, groups) -> None:
+    """The kernels' two ways of sharing work between threads (rows with per-thread tables, or channel
+    slices when the tables would be large) against a float64 recomputation, with a large mean."""
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=gen) * 0.1 + 1e3).requires_grad_()
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    ids = torch.arange(shape[0]) * groups // shape[0]
+    g = torch.randn(shape, generator=gen)
+    with flexbn.use_backend("cpp"):
+        y = flexbn.batch_norm(x, None, None, training=True, groups=ids if groups > 1 else None)
+    (gx,) = torch.autograd.grad(y, x, g)
+    xd = x.detach().double().requires_grad_()
+    parts = []
+    for k in range(groups):
+        part = xd[ids == k]
+        dims = (0, *range(2, xd.dim()))
+        var, mean = torch.var_mean(part, dims, correction=0, keepdim=True)
+        parts.append((part - mean) / torch.sqrt(var + 1e-5))
+    ref = torch.cat(parts)
+    (gref,) = torch.autograd.grad(ref, xd, g.double())
+    torch.testing.assert_close(y.double(), ref, atol=2e-4, rtol=0)
+    torch.testing.assert_close(gx.double(), gref, atol=2e-3, rtol=1e-3)
 
 
 def test_explicit_compiled_without_compiler_raises(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -143,6 +298,13 @@ def test_auto_falls_back_when_compiling_fails(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(backend, "available", lambda device: True)
     monkeypatch.setattr(torch, "compile", broken_compile)
+    # auto compiles CUDA tensors only (CPU ones take the C++ kernels): pretend these are.
+    real_choose = backend._choose
+    monkeypatch.setattr(
+        backend,
+        "_choose",
+        lambda args: "compiled" if real_choose(args) != "reference" else "reference",
+    )
     functions = (stats.moments, autograd.normalize, autograd.backward_formula)
     saved = {f: dict(f.compiled) for f in functions}
     try:

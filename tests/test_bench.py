@@ -23,6 +23,8 @@ SHAPES = [
     pytest.param((8, 4, 7), False, id="NCL"),
 ]
 
+pytestmark = pytest.mark.one_backend  # these tests choose their backends themselves
+
 
 def make_inputs(size: tuple[int, ...], channels_last: bool, variant: str) -> dict:
     """float64 inputs, random weight, bias and running statistics, and the variant's extra input."""

@@ -3,26 +3,24 @@
 
 * ``reference``: the pure-torch functions themselves. Always available, no compiler; several passes over the
   input, each a separate torch kernel.
-* ``compiled``: the same functions compiled by ``torch.compile`` (Inductor: C++/OpenMP loops on CPU, Triton on
-  CUDA), so each becomes one or two fused loops over the input. Same formulas, same numerics (the two-pass
-  ``shift + delta`` moments), results equal to rounding. Each configuration (dtype, rank, memory layout,
-  options, statistics set) compiles separately, first for its first shape and, at a second shape, once more
-  with dynamic shapes (``torch.compile``'s default); Inductor caches the generated code on disk, so later
-  processes pay only the tracing (``flexbn bench`` reports first-call costs).
-* ``auto``: ``compiled`` where it can run -- a C++ compiler for CPU tensors, Triton for CUDA -- else
-  ``reference`` (said once at debug level on the ``flexbn`` logger); a configuration whose compilation
+* ``cpp``: hand-written C++/OpenMP kernels for CPU tensors (``kernels.cpp``): one pass for the statistics,
+  one for the output, and two for the backward, for every statistics set, gradient mode and memory layout.
+  Built once per machine with the system C++ compiler (about 2 s) and cached on disk
+  (``kernels.cache_dir()``); later processes load the built library.
+* ``compiled``: the reference functions compiled by ``torch.compile`` (Inductor: C++/OpenMP loops on CPU,
+  Triton on CUDA). Each configuration (dtype, rank, memory layout, options, statistics set) compiles
+  separately, seconds at its first call (Inductor caches the generated code on disk).
+* ``auto`` (the default): ``cpp`` for CPU tensors, ``compiled`` for CUDA tensors where Triton is installed,
+  else ``reference`` (said once at debug level on the ``flexbn`` logger). A configuration whose compilation
   fails runs the reference from then on (a warning on the ``flexbn`` logger), so ``auto`` costs speed at
-  worst, never a result. Explicit ``compiled`` lets the error through.
+  worst, never a result.
 
-The default is ``reference`` for now: ``compiled`` is faster in steady state on every measured shape
-(``docs/benchmarks.md``), but beats torch's native kernel only on NCHW and ``(N, C, L)`` input, and costs
-seconds of compilation at a configuration's first call.
-
-``flexbn.set_backend(name)`` or the environment variable ``FLEXBN_BACKEND`` choose; explicitly asking for
-``compiled`` where it cannot run raises. Whatever the choice, the reference runs where compiling cannot help
+``flexbn.set_backend(name)`` or the environment variable ``FLEXBN_BACKEND`` choose; explicitly asking for a
+backend that cannot run here raises. Whatever the choice, the reference runs where a fast path cannot help
 or cannot work: under the user's own ``torch.compile`` (Inductor fuses the whole graph), under ``torch.func``
-transforms, when the function is itself being differentiated (double backward), and for statistics
-synchronised across processes (collectives).
+transforms, and when the function is itself being differentiated (double backward); ``compiled`` also
+leaves statistics synchronised across processes to the reference (collectives), while ``cpp`` computes the
+local sums and lets the core exchange them.
 """
 
 from __future__ import annotations
@@ -40,11 +38,11 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor
 
-__all__ = ["BACKENDS", "fused", "get_backend", "set_backend", "use_backend"]
+__all__ = ["BACKENDS", "cpp_available", "fused", "get_backend", "set_backend", "use_backend"]
 
-BACKENDS = ("auto", "reference", "compiled")
+BACKENDS = ("auto", "reference", "cpp", "compiled")
 _log = logging.getLogger("flexbn")
-_DEFAULT = "reference"  # until the compiled path is measured faster everywhere ("auto" then)
+_DEFAULT = "auto"
 _selected: list[str] = []  # the explicit choice, if any (else the environment's, else _DEFAULT)
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -58,7 +56,7 @@ def _check_name(name: object) -> str:
 
 
 def get_backend() -> str:
-    """The selected backend: ``set_backend``'s, else ``$FLEXBN_BACKEND``, else ``"reference"``.
+    """The selected backend: ``set_backend``'s, else ``$FLEXBN_BACKEND``, else ``"auto"``.
 
     >>> import flexbn
     >>> flexbn.get_backend() in flexbn.BACKENDS
@@ -70,35 +68,48 @@ def get_backend() -> str:
 
 
 def set_backend(name: str | None) -> None:
-    """Select the backend for every flexbn call in this process: ``"reference"`` (default), ``"auto"`` or
-    ``"compiled"``; ``None`` goes back to ``$FLEXBN_BACKEND`` or the default. Asking for ``"compiled"``
-    where it cannot run raises ``RuntimeError``.
+    """Select the backend for every flexbn call in this process: ``"auto"`` (default), ``"reference"``,
+    ``"cpp"`` or ``"compiled"``; ``None`` goes back to ``$FLEXBN_BACKEND`` or the default. Asking for a
+    backend that cannot run here raises ``RuntimeError``.
 
     >>> import flexbn
-    >>> flexbn.set_backend("auto"); flexbn.get_backend()
-    'auto'
+    >>> flexbn.set_backend("reference"); flexbn.get_backend()
+    'reference'
     >>> flexbn.set_backend(None)
     """
     if name is None:
         _selected.clear()
         return
-    name = _check_name(name)
-    if name == "compiled" and not available("cpu") and not available("cuda"):
-        raise RuntimeError(f"flexbn backend 'compiled' is unavailable here: {_why_not('cpu')}")
-    _selected[:] = [name]
+    _selected[:] = [_check_runnable(_check_name(name))]
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Select a backend inside a ``with`` block (restores the previous choice)."""
-    name = _check_name(name)
-    if name == "compiled" and not available("cpu") and not available("cuda"):
-        raise RuntimeError(f"flexbn backend 'compiled' is unavailable here: {_why_not('cpu')}")
-    _selected.append(name)
+    _selected.append(_check_runnable(_check_name(name)))
     try:
         yield
     finally:
         _selected.pop()
+
+
+def _check_runnable(name: str) -> str:
+    if name == "compiled" and not available("cpu") and not available("cuda"):
+        raise RuntimeError(f"flexbn backend 'compiled' is unavailable here: {_why_not('cpu')}")
+    if name == "cpp" and not cpp_available():
+        raise RuntimeError(f"flexbn backend 'cpp' is unavailable here: {_kernels().why_not()}")
+    return name
+
+
+def _kernels() -> types.ModuleType:
+    from . import kernels  # imported on first use: nothing heavy at ``import flexbn``
+
+    return kernels
+
+
+def cpp_available() -> bool:
+    """Whether the ``cpp`` kernels can be built (or were) and loaded here."""
+    return _kernels().why_not() == ""
 
 
 @functools.cache
@@ -131,36 +142,46 @@ def _tensors(args: tuple[Any, ...]) -> Iterator[Tensor]:
             yield from _tensors(a)
 
 
-def _wanted(args: tuple[Any, ...]) -> bool:
-    """Whether this call should run compiled (see the module notes for the exceptions)."""
+def _choose(args: tuple[Any, ...]) -> str:
+    """Which implementation runs this call: ``"reference"``, ``"cpp"`` or ``"compiled"`` (see the module
+    notes for the exceptions)."""
     name = get_backend()
     if name == "reference" or torch.compiler.is_compiling():
-        return False
+        return "reference"
     tensors = list(_tensors(args))
     if not tensors:
-        return False
+        return "reference"
     if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
-        return False
+        return "reference"
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False  # being differentiated: the reference builds the graph
-    if any(getattr(a, "group", None) is not None for a in args if isinstance(a, tuple)):
-        return False  # synchronised statistics: collectives
+        return "reference"  # being differentiated: the reference builds the graph
     device = tensors[0].device.type
+    if name == "cpp" or (name == "auto" and device == "cpu"):
+        if device != "cpu" and name == "cpp":
+            raise RuntimeError(f"flexbn backend 'cpp' runs on CPU tensors only, not on {device}")
+        if _kernels().supports(*tensors) and (name == "cpp" or cpp_available()):
+            return "cpp"
+        if name == "auto":
+            _log_once(device)
+        return "reference"
+    if any(getattr(a, "group", None) is not None for a in args if isinstance(a, tuple)):
+        return "reference"  # synchronised statistics: collectives, not compiled
     if name == "compiled":
         if not available(device):
             raise RuntimeError(
                 f"flexbn backend 'compiled' cannot run on {device}: {_why_not(device)}"
             )
-        return True
+        return "compiled"
     if not available(device):
         _log_once(device)
-        return False
-    return True
+        return "reference"
+    return "compiled"
 
 
 @functools.cache
 def _log_once(device: str) -> None:
-    _log.debug("flexbn: reference backend on %s (%s)", device, _why_not(device))
+    why = _kernels().why_not() if device == "cpu" else _why_not(device)
+    _log.debug("flexbn: reference backend on %s (%s)", device, why or "unsupported tensors")
 
 
 def _signature(value: Any) -> Any:
@@ -182,8 +203,11 @@ def fused(fn: F) -> F:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        if not _wanted(args + tuple(kwargs.values())):
+        choice = _choose(args + tuple(kwargs.values()))
+        if choice == "reference":
             return fn(*args, **kwargs)
+        if choice == "cpp":
+            return _kernels().IMPLEMENTATIONS[fn.__name__](*args, **kwargs)
         key = (_signature(args), tuple(sorted((k, _signature(v)) for k, v in kwargs.items())))
         with warnings.catch_warnings():
             # torch's own deprecation notices, raised while Inductor loads and compiles
