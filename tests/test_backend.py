@@ -82,7 +82,8 @@ def test_kernels_run_on_cpu(monkeypatch: pytest.MonkeyPatch, which: str) -> None
             flexbn.batch_norm(
                 x, torch.zeros(3, dtype=stat), torch.ones(3, dtype=stat), training=False
             )
-        expected = flexbn.batch_norm(x.double(), None, None, training=True)
+        with flexbn.use_backend("reference"):
+            expected = flexbn.batch_norm(x.double(), None, None, training=True)
         assert y.dtype == dtype
         assert_close(y, expected, dtype=dtype)
     assert calls == {"moments": 3, "normalize": 6, "backward_formula": 3}

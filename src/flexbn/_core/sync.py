@@ -66,10 +66,12 @@ def _gather(t: Tensor, group: Any) -> Tensor:
 
 
 def all_sum(group: Any, *ts: Tensor) -> tuple[Tensor, ...]:
-    """The sums over ranks of same-shaped reductions, with one ``all_reduce``."""
-    flat = torch.cat([t.reshape(-1) for t in ts])
+    """The sums over ranks of reductions, with one ``all_reduce`` in float64 (each rank's packet is the
+    same size whatever its local dtype or backend; the results come back in the given dtypes)."""
+    flat = torch.cat([t.reshape(-1).to(torch.float64) for t in ts])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
-    return tuple(p.view_as(t) for p, t in zip(flat.split([t.numel() for t in ts]), ts, strict=True))
+    parts = flat.split([t.numel() for t in ts])
+    return tuple(p.view_as(t).to(t.dtype) for p, t in zip(parts, ts, strict=True))
 
 
 def _check_headers(headers: Tensor, groups: bool) -> None:
