@@ -11,11 +11,11 @@
 // (ids == nullptr: one segment, G = 1); mask[n * L + l] == 0 removes position l of sample n from every
 // reduction (mask == nullptr: all kept). Per-(segment, channel) parameters are (G, C) row-major.
 //
-// Numerics: moments are exact-centred in double. Each run of at most a few thousand elements of one
-// (segment, channel) is reduced in two passes while it sits in cache -- its mean, then the sums of
-// (x - mean) and (x - mean)^2 -- and runs are merged with Chan's formulas, so nothing is formed as
-// E[x^2] - E[x]^2. Backward sums accumulate in double. Threads split channels (NCL) or rows (NLC) in a
-// fixed way and merge in a fixed order: results do not depend on timing, only on the thread count.
+// Numerics: every reduction reads its input once. Moments are sums of deviations from a shift within a
+// fraction of a standard deviation of the mean, merged in double with Chan's formulas (see moments
+// below), so nothing is formed as E[x^2] - E[x]^2. Sums run in the input's precision over at most FLUSH
+// values per vector lane, then in double. Threads split channels or rows in a fixed way and merge in a
+// fixed order: results do not depend on timing, only on the thread count.
 
 #include <omp.h>
 
@@ -28,8 +28,6 @@ namespace {
 using i64 = std::int64_t;
 using u8 = std::uint8_t;
 
-constexpr i64 RUN = 4096;         // elements of one (segment, channel) reduced while in cache (NCL)
-constexpr i64 BLOCK_BYTES = 32768;  // bytes of rows reduced while in cache (NLC)
 
 struct Geo {
   i64 N, C, L;
@@ -64,119 +62,184 @@ int threads_for(i64 work, int threads) {
 
 // ---------------------------------------------------------------------------------------------------
 // Moments: count[g], mean[g][c], m2[g][c] (sum of squared deviations from the mean).
+//
+// One pass. Each (segment, channel) keeps a shift K close to its mean: the mean of its first few kept
+// values, then its running mean. A run of values (a row of L values, or a block of rows) is reduced to
+// sums of d = x - K and d^2 -- in the input's precision over at most FLUSH values per vector lane, then in
+// double -- and merged into the running statistics with Chan's formulas: since K is within a fraction of a
+// standard deviation of the mean, s2 - s1^2 / k loses nothing to cancellation, however large the mean.
+
+constexpr i64 FLUSH = 128;  // values summed in the input's precision before joining a double
+constexpr i64 BLOCK_ROWS = 64;  // rows of an NLC run
+constexpr i64 PROBE = 32;  // kept values whose mean is the first shift
 
 template <class T>
+inline void shifted_sums(const T* v, const u8* m, i64 len, T K, double& s1, double& s2) {
+  for (i64 l0 = 0; l0 < len; l0 += FLUSH) {
+    const i64 e = std::min(len, l0 + FLUSH);
+    T a1 = 0, a2 = 0;
+    if (m) {
+#pragma omp simd reduction(+ : a1, a2)
+      for (i64 l = l0; l < e; ++l) {
+        const T d = m[l] ? v[l] - K : T(0);
+        a1 += d;
+        a2 += d * d;
+      }
+    } else {
+#pragma omp simd reduction(+ : a1, a2)
+      for (i64 l = l0; l < e; ++l) {
+        const T d = v[l] - K;
+        a1 += d;
+        a2 += d * d;
+      }
+    }
+    s1 += a1;
+    s2 += a2;
+  }
+}
+
+// The mean of the first PROBE kept values of a row (the row has at least one).
+template <class T>
+inline T probe(const T* v, const u8* m, i64 len) {
+  double sum = 0;
+  i64 k = 0;
+  for (i64 l = 0; l < len && k < PROBE; ++l)
+    if (!m || m[l]) {
+      sum += static_cast<double>(v[l]);
+      ++k;
+    }
+  return static_cast<T>(sum / static_cast<double>(k));
+}
+
+// Merge a run (k values, sums s1, s2 of d = x - K) into the statistics (n, mean, m2), given
+// inv_k = 1 / k and f = k / (n + k) (shared by every channel of the run: no division here).
+inline void merge_run(double n, double& mean, double& m2, double inv_k, double f, double K, double s1,
+                      double s2) {
+  const double run_mean = K + s1 * inv_k, run_m2 = std::max(0.0, s2 - s1 * s1 * inv_k);
+  if (n == 0) {
+    mean = run_mean;
+    m2 = run_m2;
+  } else {
+    const double d = run_mean - mean;
+    mean += d * f;
+    m2 += run_m2 + d * d * n * f;
+  }
+}
+
+std::vector<double> kept_per_sample(const Geo& g) {
+  std::vector<double> kept(g.N, static_cast<double>(g.L));
+  if (g.mask)
+    for (i64 n = 0; n < g.N; ++n) {
+      i64 k = 0;
+      const u8* m = g.mask + n * g.L;
+      for (i64 l = 0; l < g.L; ++l) k += m[l] != 0;
+      kept[n] = static_cast<double>(k);
+    }
+  return kept;
+}
+
+// NCL: each thread takes a slice of channels and walks the samples in memory order.
+template <class T>
 void moments_ncl(const T* x, const Geo& g, double* count, double* mean, double* m2) {
-  const i64 N = g.N, C = g.C, L = g.L;
+  const i64 N = g.N, C = g.C, L = g.L, G = g.G;
+  const std::vector<double> kept = kept_per_sample(g);
+  std::vector<T> shift(G * C);
+  std::fill(count, count + G, 0.0);
+  for (i64 n = 0; n < N; ++n) count[seg_of(g, n)] += kept[n];
 #pragma omp parallel num_threads(threads_for(C, g.threads))
   {
-    std::vector<double> seen(g.G);
-#pragma omp for schedule(static)
-    for (i64 c = 0; c < C; ++c) {
-      std::fill(seen.begin(), seen.end(), 0.0);
-      for (i64 n = 0; n < N; ++n) {
-        const i64 s = seg_of(g, n), o = s * C + c;
-        const T* row = x + (n * C + c) * L;
-        const u8* m = g.mask ? g.mask + n * L : nullptr;
-        for (i64 l0 = 0; l0 < L; l0 += RUN) {
-          const i64 len = std::min(RUN, L - l0);
-          const T* v = row + l0;
-          double sum = 0, k = 0;
-          if (m) {
-            const u8* mk = m + l0;
-#pragma omp simd reduction(+ : sum, k)
-            for (i64 l = 0; l < len; ++l) {
-              const bool keep = mk[l] != 0;
-              sum += keep ? static_cast<double>(v[l]) : 0.0;
-              k += keep ? 1.0 : 0.0;
-            }
-          } else {
-#pragma omp simd reduction(+ : sum)
-            for (i64 l = 0; l < len; ++l) sum += static_cast<double>(v[l]);
-            k = static_cast<double>(len);
-          }
-          if (k == 0) continue;
-          const double mu = sum / k;
-          double s1 = 0, s2 = 0;
-          if (m) {
-            const u8* mk = m + l0;
-#pragma omp simd reduction(+ : s1, s2)
-            for (i64 l = 0; l < len; ++l) {
-              const double d = mk[l] ? static_cast<double>(v[l]) - mu : 0.0;
-              s1 += d;
-              s2 += d * d;
-            }
-          } else {
-#pragma omp simd reduction(+ : s1, s2)
-            for (i64 l = 0; l < len; ++l) {
-              const double d = static_cast<double>(v[l]) - mu;
-              s1 += d;
-              s2 += d * d;
-            }
-          }
-          const double run_mean = mu + s1 / k, run_m2 = std::max(0.0, s2 - s1 * s1 / k);
-          if (seen[s] == 0) {
-            mean[o] = run_mean;
-            m2[o] = run_m2;
-          } else {
-            merge(seen[s], mean[o], m2[o], k, run_mean, run_m2);
-          }
-          seen[s] += k;
-        }
+    const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
+    const i64 c0 = C * t / T_, c1 = C * (t + 1) / T_;
+    std::vector<double> seen(G, 0.0);
+    for (i64 n = 0; n < N; ++n) {
+      const double k = kept[n];
+      if (k == 0) continue;
+      const i64 s = seg_of(g, n);
+      const u8* m = g.mask ? g.mask + n * L : nullptr;
+      const double inv_k = 1.0 / k, f = k / (seen[s] + k);
+      for (i64 c = c0; c < c1; ++c) {
+        const i64 o = s * C + c;
+        const T* v = x + (n * C + c) * L;
+        if (seen[s] == 0) shift[o] = probe(v, m, L);
+        double s1 = 0, s2 = 0;
+        shifted_sums(v, m, L, shift[o], s1, s2);
+        merge_run(seen[s], mean[o], m2[o], inv_k, f, static_cast<double>(shift[o]), s1, s2);
+        shift[o] = static_cast<T>(mean[o]);
       }
+      seen[s] += k;
     }
   }
 }
 
+// Pointers (at channel c0) to the kept rows among [r, e), at most BLOCK_ROWS; returns how many.
+template <class T>
+inline i64 kept_rows(const T* base, const Geo& g, i64 r, i64 e, i64 c0, const T** rows) {
+  i64 k = 0;
+  for (i64 q = r; q < e; ++q)
+    if (!g.mask || g.mask[q]) rows[k++] = base + q * g.C + c0;
+  return k;
+}
+
 // NLC: rows r = n * L + l of C contiguous values. Rows [r0, r1) and channels [c0, c1) are reduced into
-// seen[G] (per-thread counts) and mean/m2 (row stride C), using scratch of 3 * (c1 - c0) doubles.
+// seen[G] (this thread's counts), mean/m2 and shift (row stride C), using scratch of 2 * (c1 - c0) values.
 template <class T>
 void moments_nlc_part(const T* x, const Geo& g, i64 r0, i64 r1, i64 c0, i64 c1, double* seen,
-                      double* mean, double* m2, double* scratch) {
+                      double* mean, double* m2, T* shift, T* scratch) {
   const i64 C = g.C, L = g.L, w = c1 - c0;
-  const i64 block = std::max<i64>(1, BLOCK_BYTES / static_cast<i64>(w * sizeof(T)));
-  double *sum = scratch, *s1 = scratch + w, *s2 = scratch + 2 * w;
+  T *a1 = scratch, *a2 = scratch + w;
   for (i64 r = r0; r < r1;) {
     const i64 s = seg_of(g, r / L);
-    i64 e = std::min(r1, r + block);
-    if (g.ids) {  // a block holds one segment
+    i64 e = std::min(r1, r + BLOCK_ROWS);
+    if (g.ids) {  // a run holds one segment
       i64 stop = r + 1;
       while (stop < e && g.ids[stop / L] == s) ++stop;
       e = stop;
     }
-    std::fill(sum, sum + w, 0.0);
-    double k = 0;
-    for (i64 q = r; q < e; ++q) {
-      if (g.mask && !g.mask[q]) continue;
-      k += 1;
-      const T* v = x + q * C + c0;
+    T* K = shift + s * C + c0;
+    if (seen[s] == 0) {  // the first shift: the mean of the first kept rows of this run
+      double k = 0;
+      std::fill(a1, a1 + w, T(0));
+      for (i64 q = r; q < e && k < 4; ++q) {
+        if (g.mask && !g.mask[q]) continue;
+        k += 1;
+        const T* v = x + q * C + c0;
+        for (i64 c = 0; c < w; ++c) a1[c] += v[c];
+      }
+      if (k > 0)
+        for (i64 c = 0; c < w; ++c) K[c] = static_cast<T>(a1[c] / k);
+    }
+    std::fill(a1, a1 + w, T(0));
+    std::fill(a2, a2 + w, T(0));
+    const T* rows[BLOCK_ROWS];
+    const i64 nrows = kept_rows(x, g, r, e, c0, rows);
+    const double k = static_cast<double>(nrows);
+    i64 i = 0;
+    for (; i + 4 <= nrows; i += 4) {  // four rows per visit of the accumulators
+      const T *v0 = rows[i], *v1 = rows[i + 1], *v2 = rows[i + 2], *v3 = rows[i + 3];
 #pragma omp simd
-      for (i64 c = 0; c < w; ++c) sum[c] += static_cast<double>(v[c]);
+      for (i64 c = 0; c < w; ++c) {
+        const T d0 = v0[c] - K[c], d1 = v1[c] - K[c], d2 = v2[c] - K[c], d3 = v3[c] - K[c];
+        a1[c] += (d0 + d1) + (d2 + d3);
+        a2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+      }
+    }
+    for (; i < nrows; ++i) {
+      const T* v = rows[i];
+#pragma omp simd
+      for (i64 c = 0; c < w; ++c) {
+        const T d = v[c] - K[c];
+        a1[c] += d;
+        a2[c] += d * d;
+      }
     }
     if (k > 0) {
-      for (i64 c = 0; c < w; ++c) sum[c] /= k;  // now the block mean
-      std::fill(s1, s1 + w, 0.0);
-      std::fill(s2, s2 + w, 0.0);
-      for (i64 q = r; q < e; ++q) {
-        if (g.mask && !g.mask[q]) continue;
-        const T* v = x + q * C + c0;
-#pragma omp simd
-        for (i64 c = 0; c < w; ++c) {
-          const double d = static_cast<double>(v[c]) - sum[c];
-          s1[c] += d;
-          s2[c] += d * d;
-        }
-      }
       double* mo = mean + s * C + c0;
       double* qo = m2 + s * C + c0;
+      const double inv_k = 1.0 / k, f = k / (seen[s] + k), n = seen[s];
+#pragma omp simd
       for (i64 c = 0; c < w; ++c) {
-        const double bm = sum[c] + s1[c] / k, bq = std::max(0.0, s2[c] - s1[c] * s1[c] / k);
-        if (seen[s] == 0) {
-          mo[c] = bm;
-          qo[c] = bq;
-        } else {
-          merge(seen[s], mo[c], qo[c], k, bm, bq);
-        }
+        merge_run(n, mo[c], qo[c], inv_k, f, static_cast<double>(K[c]), a1[c], a2[c]);
+        K[c] = static_cast<T>(mo[c]);
       }
       seen[s] += k;
     }
@@ -184,23 +247,25 @@ void moments_nlc_part(const T* x, const Geo& g, i64 r0, i64 r1, i64 c0, i64 c1, 
   }
 }
 
-// Per-thread accumulators of this many doubles at most; beyond, threads split channels instead of rows.
+// Per-thread tables of this many values at most; beyond, threads split channels instead of rows.
 constexpr i64 PRIVATE_LIMIT = i64(1) << 20;
 
 template <class T>
 void moments_nlc(const T* x, const Geo& g, double* count, double* mean, double* m2) {
   const i64 R = g.N * g.L, C = g.C, G = g.G;
-  const int nt = threads_for(R, g.threads);
+  const int nt = threads_for(R / BLOCK_ROWS + 1, g.threads);
   if (nt == 1 || G * C > PRIVATE_LIMIT) {
     // Channel slices of at least 16 values (a cache line of floats) per thread.
     const int ct = threads_for((C + 15) / 16, g.threads);
-    std::fill(count, count + G, 0.0);
+    std::vector<T> shift(G * C);
 #pragma omp parallel num_threads(ct)
     {
       const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
       const i64 c0 = C * t / T_, c1 = C * (t + 1) / T_;
-      std::vector<double> seen(G, 0.0), scratch(3 * (c1 - c0));
-      if (c1 > c0) moments_nlc_part(x, g, 0, R, c0, c1, seen.data(), mean, m2, scratch.data());
+      std::vector<double> seen(G, 0.0);
+      std::vector<T> scratch(2 * (c1 - c0));
+      if (c1 > c0)
+        moments_nlc_part(x, g, 0, R, c0, c1, seen.data(), mean, m2, shift.data(), scratch.data());
       if (t == 0)
         for (i64 s = 0; s < G; ++s) count[s] = seen[s];
     }
@@ -214,8 +279,9 @@ void moments_nlc(const T* x, const Geo& g, double* count, double* mean, double* 
     seen[t].assign(G, 0.0);
     mo[t].assign(G * C, 0.0);
     qo[t].assign(G * C, 0.0);
-    std::vector<double> scratch(3 * C);
-    moments_nlc_part(x, g, r0, r1, 0, C, seen[t].data(), mo[t].data(), qo[t].data(), scratch.data());
+    std::vector<T> shift(G * C), scratch(2 * C);
+    moments_nlc_part(x, g, r0, r1, 0, C, seen[t].data(), mo[t].data(), qo[t].data(), shift.data(),
+                     scratch.data());
   }
   for (i64 s = 0; s < G; ++s) {
     double n = 0;
@@ -241,20 +307,10 @@ template <class T>
 void moments(const T* x, const Geo& g, double* count, double* mean, double* m2) {
   std::fill(mean, mean + g.G * g.C, 0.0);
   std::fill(m2, m2 + g.G * g.C, 0.0);
-  if (g.layout == 0) {
+  if (g.layout == 0)
     moments_ncl(x, g, count, mean, m2);
-    std::fill(count, count + g.G, 0.0);
-    for (i64 n = 0; n < g.N; ++n) {
-      double k = static_cast<double>(g.L);
-      if (g.mask) {
-        k = 0;
-        for (i64 l = 0; l < g.L; ++l) k += g.mask[n * g.L + l] ? 1 : 0;
-      }
-      count[seg_of(g, n)] += k;
-    }
-  } else {
+  else
     moments_nlc(x, g, count, mean, m2);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -382,23 +438,78 @@ void apply(const T* a, const T* u, const T* b, const T* v, const T* s, const T* 
 
 // ---------------------------------------------------------------------------------------------------
 // Backward sums over each segment's kept elements: sum_g[g][c] = sum(dy), sum_gx[g][c] = sum(dy * (x -
-// shift[g][c])), accumulated in double.
+// shift[g][c])): in the input's precision over at most FLUSH values per vector lane, then in double.
+
+template <class T>
+inline void grad_sums(const T* gv, const T* xv, const u8* m, i64 len, T sh, double& a, double& b) {
+  for (i64 l0 = 0; l0 < len; l0 += FLUSH) {
+    const i64 e = std::min(len, l0 + FLUSH);
+    T p = 0, q = 0;
+    if (m) {
+#pragma omp simd reduction(+ : p, q)
+      for (i64 l = l0; l < e; ++l) {
+        const T gg = m[l] ? gv[l] : T(0);
+        p += gg;
+        q += m[l] ? gg * (xv[l] - sh) : T(0);
+      }
+    } else {
+#pragma omp simd reduction(+ : p, q)
+      for (i64 l = l0; l < e; ++l) {
+        p += gv[l];
+        q += gv[l] * (xv[l] - sh);
+      }
+    }
+    a += p;
+    b += q;
+  }
+}
 
 template <class T>
 void sums_nlc_part(const T* dy, const T* x, const T* shift, const Geo& g, i64 r0, i64 r1, i64 c0,
-                   i64 c1, double* sg, double* sgx) {
+                   i64 c1, double* sg, double* sgx, T* scratch) {
   const i64 C = g.C, L = g.L, w = c1 - c0;
-  for (i64 r = r0; r < r1; ++r) {
-    if (g.mask && !g.mask[r]) continue;
-    const i64 o = seg_of(g, r / L) * C + c0;
-    const T *gv = dy + r * C + c0, *xv = x + r * C + c0, *sh = shift + o;
-    double *a = sg + o, *b = sgx + o;
-#pragma omp simd
-    for (i64 c = 0; c < w; ++c) {
-      const double gg = static_cast<double>(gv[c]);
-      a[c] += gg;
-      b[c] += gg * static_cast<double>(xv[c] - sh[c]);
+  T *p = scratch, *q = scratch + w;
+  for (i64 r = r0; r < r1;) {
+    const i64 s = seg_of(g, r / L);
+    i64 e = std::min(r1, r + BLOCK_ROWS);
+    if (g.ids) {
+      i64 stop = r + 1;
+      while (stop < e && g.ids[stop / L] == s) ++stop;
+      e = stop;
     }
+    const i64 o = s * C + c0;
+    const T* sh = shift + o;
+    std::fill(p, p + w, T(0));
+    std::fill(q, q + w, T(0));
+    const T* grows[BLOCK_ROWS];
+    const T* xrows[BLOCK_ROWS];
+    kept_rows(dy, g, r, e, c0, grows);
+    const i64 nrows = kept_rows(x, g, r, e, c0, xrows);
+    i64 i = 0;
+    for (; i + 4 <= nrows; i += 4) {
+      const T *g0 = grows[i], *g1 = grows[i + 1], *g2 = grows[i + 2], *g3 = grows[i + 3];
+      const T *x0 = xrows[i], *x1 = xrows[i + 1], *x2 = xrows[i + 2], *x3 = xrows[i + 3];
+#pragma omp simd
+      for (i64 c = 0; c < w; ++c) {
+        p[c] += (g0[c] + g1[c]) + (g2[c] + g3[c]);
+        q[c] += (g0[c] * (x0[c] - sh[c]) + g1[c] * (x1[c] - sh[c])) +
+                (g2[c] * (x2[c] - sh[c]) + g3[c] * (x3[c] - sh[c]));
+      }
+    }
+    for (; i < nrows; ++i) {
+      const T *gv = grows[i], *xv = xrows[i];
+#pragma omp simd
+      for (i64 c = 0; c < w; ++c) {
+        p[c] += gv[c];
+        q[c] += gv[c] * (xv[c] - sh[c]);
+      }
+    }
+    double *a = sg + o, *b = sgx + o;
+    for (i64 c = 0; c < w; ++c) {
+      a[c] += p[c];
+      b[c] += q[c];
+    }
+    r = e;
   }
 }
 
@@ -408,44 +519,30 @@ void sums(const T* dy, const T* x, const T* shift, const Geo& g, double* sg, dou
   std::fill(sg, sg + G * C, 0.0);
   std::fill(sgx, sgx + G * C, 0.0);
   if (g.layout == 0) {
-#pragma omp parallel for schedule(static) num_threads(threads_for(C, g.threads))
-    for (i64 c = 0; c < C; ++c) {
+#pragma omp parallel num_threads(threads_for(C, g.threads))
+    {
+      const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
+      const i64 c0 = C * t / T_, c1 = C * (t + 1) / T_;
       for (i64 n = 0; n < N; ++n) {
-        const i64 o = seg_of(g, n) * C + c, base = (n * C + c) * L;
-        const T *gv = dy + base, *xv = x + base;
-        const T sh = shift[o];
-        double a = 0, b = 0;
-        if (g.mask) {
-          const u8* m = g.mask + n * L;
-#pragma omp simd reduction(+ : a, b)
-          for (i64 l = 0; l < L; ++l) {
-            const double gg = m[l] ? static_cast<double>(gv[l]) : 0.0;
-            a += gg;
-            b += m[l] ? gg * static_cast<double>(xv[l] - sh) : 0.0;
-          }
-        } else {
-#pragma omp simd reduction(+ : a, b)
-          for (i64 l = 0; l < L; ++l) {
-            const double gg = static_cast<double>(gv[l]);
-            a += gg;
-            b += gg * static_cast<double>(xv[l] - sh);
-          }
+        const u8* m = g.mask ? g.mask + n * L : nullptr;
+        for (i64 c = c0; c < c1; ++c) {
+          const i64 o = seg_of(g, n) * C + c, base = (n * C + c) * L;
+          grad_sums(dy + base, x + base, m, L, shift[o], sg[o], sgx[o]);
         }
-        sg[o] += a;
-        sgx[o] += b;
       }
     }
     return;
   }
   const i64 R = N * L;
-  const int nt = threads_for(R, g.threads);
+  const int nt = threads_for(R / BLOCK_ROWS + 1, g.threads);
   if (nt == 1 || G * C > PRIVATE_LIMIT) {
     const int ct = threads_for((C + 15) / 16, g.threads);
 #pragma omp parallel num_threads(ct)
     {
       const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
       const i64 c0 = C * t / T_, c1 = C * (t + 1) / T_;
-      if (c1 > c0) sums_nlc_part(dy, x, shift, g, 0, R, c0, c1, sg, sgx);
+      std::vector<T> scratch(2 * (c1 - c0));
+      if (c1 > c0) sums_nlc_part(dy, x, shift, g, 0, R, c0, c1, sg, sgx, scratch.data());
     }
     return;
   }
@@ -455,7 +552,9 @@ void sums(const T* dy, const T* x, const T* shift, const Geo& g, double* sg, dou
     const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
     pa[t].assign(G * C, 0.0);
     pb[t].assign(G * C, 0.0);
-    sums_nlc_part(dy, x, shift, g, R * t / T_, R * (t + 1) / T_, 0, C, pa[t].data(), pb[t].data());
+    std::vector<T> scratch(2 * C);
+    sums_nlc_part(dy, x, shift, g, R * t / T_, R * (t + 1) / T_, 0, C, pa[t].data(), pb[t].data(),
+                  scratch.data());
   }
   for (int t = 0; t < nt; ++t)
     for (i64 o = 0; o < G * C; ++o) {
