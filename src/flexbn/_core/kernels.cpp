@@ -21,6 +21,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -56,6 +57,31 @@ inline void merge(double na, double& ma, double& qa, double nb, double mb, doubl
   qa += qb + d * d * (na * nb / n);
 }
 
+// v where the mask byte is 1, else +0: a bitwise AND with a lane mask made from the byte. Masked-out
+// values may be NaN or inf padding, so they are cleared, never multiplied by 0; and unlike a conditional
+// (which GCC reduces lane by lane, in order), an AND keeps masked reductions vectorized.
+template <class T>
+struct Bits;
+template <>
+struct Bits<float> {
+  using type = std::uint32_t;
+};
+template <>
+struct Bits<double> {
+  using type = std::uint64_t;
+};
+
+template <class T>
+inline T keep_if(T v, u8 keep) {
+  using U = typename Bits<T>::type;
+  const U lanes = U(0) - static_cast<U>(keep);  // 0 or all ones (mask bytes are 0 or 1)
+  U u;
+  std::memcpy(&u, &v, sizeof u);
+  u &= lanes;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+
 int threads_for(i64 work, int threads) {
   return static_cast<int>(std::max<i64>(1, std::min<i64>(threads, work)));
 }
@@ -73,15 +99,31 @@ constexpr i64 FLUSH = 128;  // values summed in the input's precision before joi
 constexpr i64 BLOCK_ROWS = 64;  // rows of an NLC run
 constexpr i64 PROBE = 32;  // kept values whose mean is the first shift
 
+constexpr i64 LANES = 64;  // bytes of independent accumulators in a masked reduction (a vector)
+
 template <class T>
 inline void shifted_sums(const T* v, const u8* m, i64 len, T K, double& s1, double& s2) {
   for (i64 l0 = 0; l0 < len; l0 += FLUSH) {
     const i64 e = std::min(len, l0 + FLUSH);
     T a1 = 0, a2 = 0;
-    if (m) {
-#pragma omp simd reduction(+ : a1, a2)
-      for (i64 l = l0; l < e; ++l) {
-        const T d = m[l] ? v[l] - K : T(0);
+    if (m) {  // explicit lanes: GCC reduces a masked sum in order otherwise, one value at a time
+      constexpr int W = LANES / sizeof(T);
+      T p1[W] = {}, p2[W] = {};
+      i64 l = l0;
+      for (; l + W <= e; l += W) {
+#pragma omp simd
+        for (int j = 0; j < W; ++j) {
+          const T d = keep_if(v[l + j] - K, m[l + j]);
+          p1[j] += d;
+          p2[j] += d * d;
+        }
+      }
+      for (int j = 0; j < W; ++j) {
+        a1 += p1[j];
+        a2 += p2[j];
+      }
+      for (; l < e; ++l) {
+        const T d = keep_if(v[l] - K, m[l]);
         a1 += d;
         a2 += d * d;
       }
@@ -379,7 +421,7 @@ void apply(const T* a, const T* u, const T* b, const T* v, const T* s, const T* 
   const i64 C = g.C, L = g.L;
   if (g.layout == 0) {
     const i64 rows = g.N * C;
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows, g.threads))
+  #pragma omp parallel for schedule(static) num_threads(threads_for(rows, g.threads))
     for (i64 row = 0; row < rows; ++row) {
       const i64 n = row / C, c = row % C, o = seg_of(g, n) * C + c, base = row * L;
       const T A = a ? a[o] : T(0), B = b ? b[o] : T(0), S = s ? s[o] : T(0), D = d ? d[o] : T(0);
@@ -400,13 +442,26 @@ void apply(const T* a, const T* u, const T* b, const T* v, const T* s, const T* 
         } else {
           for (i64 l = 0; l < L; ++l) w[l] = D;
         }
-      } else {
+      } else if (uu && vv) {
 #pragma omp simd
         for (i64 l = 0; l < L; ++l) {
-          const T first = uu ? A * uu[l] : T(0);
-          const T second = (vv ? B * (vv[l] - S) : T(0)) + D;
-          w[l] = m[l] ? first + second : first;
+          const T first = A * uu[l], second = B * (vv[l] - S) + D;
+          w[l] = first + keep_if(second, m[l]);
         }
+      } else if (uu) {
+#pragma omp simd
+        for (i64 l = 0; l < L; ++l) {
+          const T first = A * uu[l];
+          w[l] = first + keep_if(D, m[l]);
+        }
+      } else if (vv) {
+#pragma omp simd
+        for (i64 l = 0; l < L; ++l) {
+          const T second = B * (vv[l] - S) + D;
+          w[l] = keep_if(second, m[l]);
+        }
+      } else {
+        for (i64 l = 0; l < L; ++l) w[l] = keep_if(D, m[l]);
       }
     }
   } else {
@@ -445,12 +500,25 @@ inline void grad_sums(const T* gv, const T* xv, const u8* m, i64 len, T sh, doub
   for (i64 l0 = 0; l0 < len; l0 += FLUSH) {
     const i64 e = std::min(len, l0 + FLUSH);
     T p = 0, q = 0;
-    if (m) {
-#pragma omp simd reduction(+ : p, q)
-      for (i64 l = l0; l < e; ++l) {
-        const T gg = m[l] ? gv[l] : T(0);
-        p += gg;
-        q += m[l] ? gg * (xv[l] - sh) : T(0);
+    if (m) {  // explicit lanes, as in shifted_sums
+      constexpr int W = LANES / sizeof(T);
+      T pw[W] = {}, qw[W] = {};
+      i64 l = l0;
+      for (; l + W <= e; l += W) {
+#pragma omp simd
+        for (int j = 0; j < W; ++j) {
+          const T gg = gv[l + j];
+          pw[j] += keep_if(gg, m[l + j]);
+          qw[j] += keep_if(gg * (xv[l + j] - sh), m[l + j]);
+        }
+      }
+      for (int j = 0; j < W; ++j) {
+        p += pw[j];
+        q += qw[j];
+      }
+      for (; l < e; ++l) {
+        p += keep_if(gv[l], m[l]);
+        q += keep_if(gv[l] * (xv[l] - sh), m[l]);
       }
     } else {
 #pragma omp simd reduction(+ : p, q)
@@ -519,7 +587,7 @@ void sums(const T* dy, const T* x, const T* shift, const Geo& g, double* sg, dou
   std::fill(sg, sg + G * C, 0.0);
   std::fill(sgx, sgx + G * C, 0.0);
   if (g.layout == 0) {
-#pragma omp parallel num_threads(threads_for(C, g.threads))
+  #pragma omp parallel num_threads(threads_for(C, g.threads))
     {
       const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
       const i64 c0 = C * t / T_, c1 = C * (t + 1) / T_;
