@@ -44,6 +44,13 @@ measured, and flexbn's backend (``flexbn.get_backend()``, ``reference`` in a fle
 flexbn candidates can be run once per backend, see :func:`run`). On a machine shared with other work, pass
 one thread (``flexbn bench --threads 1``): with more threads than idle cores, every parallel region of a
 kernel waits for a descheduled thread, and a 50 us call can take 50 ms.
+
+Freed memory: each call of every candidate allocates its outputs afresh. glibc returns large freed blocks
+to the operating system, so the next call takes a page fault for every 4 KiB page it writes; on a virtual
+machine that can cost more than the kernels themselves and varies from run to run (here 6 to 26 ms for one
+32x64x56x56 forward+backward). By default :func:`run` asks glibc (``mallopt``) to keep freed blocks of up
+to 32 MiB in the process, as a long training process reaches anyway, so that the timings measure the
+computation; ``keep_freed_memory=False`` (``flexbn bench --os-memory``) leaves the allocator as it is.
 """
 
 from __future__ import annotations
@@ -51,6 +58,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
 import dataclasses
 import functools
 import json
@@ -521,6 +529,19 @@ class _Config:
             torch.cuda.synchronize(self.device)
 
 
+def _keep_freed_memory() -> bool:
+    """Ask glibc to serve blocks of up to 32 MiB from the heap and not to return freed memory to the
+    system; False where that is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(
+            libc.mallopt(m_trim_threshold, 2**31 - 1)
+        )
+    except (OSError, AttributeError):
+        return False
+
+
 def _environment(device: torch.device) -> dict[str, Any]:
     return {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
@@ -839,6 +860,7 @@ def run(
     sample_ms: float | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
+    keep_freed_memory: bool = True,
 ) -> list[Row]:
     """Benchmark every variant against torch native, flexbn's standard path and the variant's hand
     composition (eager and compiled); return the rows (the module notes give the method).
@@ -858,6 +880,7 @@ def run(
         sample_ms: duration of one timing sample (default 20 ms; 1 ms with ``quick``).
         seed: random seed of the inputs (a generator of the run's own).
         progress: called with one line per (shape, variant) as it starts.
+        keep_freed_memory: keep freed blocks in the process (glibc only; the module notes say why).
 
     Every candidate's first call is checked against its reference (``RuntimeError`` if they differ).
 
@@ -884,6 +907,8 @@ def run(
         for v in variant_list:
             _check_variant(v, shape)
     device = torch.device(device)
+    if keep_freed_memory:
+        _keep_freed_memory()
     get_backend = getattr(flexbn, "get_backend", None)
     previous = get_backend() if backends is not None and callable(get_backend) else None
     rows: list[Row] = []
@@ -1200,6 +1225,12 @@ def add_arguments(parser: Any) -> None:
     add("--json", metavar="PATH", help="write the rows as JSON")
     add("--csv", metavar="PATH", help="write the rows as CSV")
     add("--no-compile", action="store_true", help="do not time the composition under torch.compile")
+    add(
+        "--os-memory",
+        action="store_true",
+        help="let glibc return freed memory to the system (default: keep it; page faults otherwise "
+        "dominate on virtual machines)",
+    )
     add("--device", default="cpu", help="torch device (default: cpu)")
 
 
@@ -1235,6 +1266,7 @@ def run_cli(args: Any) -> int:
             repeat=args.repeat,
             quick=args.quick,
             compile_composition=not args.no_compile,
+            keep_freed_memory=not args.os_memory,
             device=args.device,
             backends=args.backends,
             progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr),

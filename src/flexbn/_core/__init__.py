@@ -9,10 +9,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from . import renorm as _renorm
 from . import stats, sync
-from .autograd import BatchNormFunction, BatchNormFunctionNoJvp
+from .autograd import BatchNormFunction, BatchNormFunctionNoJvp, normalize
 
 __all__ = ["batch_norm", "batch_norm_functional"]
 
@@ -108,7 +109,22 @@ def batch_norm_functional(
         invstd = stats.invstd(var, eps)
     if r_d is not None:
         weight, bias = _renorm.affine(weight, bias, *r_d)
+    if _untracked(
+        x, weight, bias, stats_input
+    ):  # nothing to differentiate: skip autograd's machinery
+        return normalize(x, weight, bias, shift, delta, invstd, seg), new_mean, new_var
     # Dynamo cannot trace a Function with a custom jvp: under torch.compile, the same Function without it.
     fn = BatchNormFunctionNoJvp if torch.compiler.is_compiling() else BatchNormFunction
     y = fn.apply(x, weight, bias, stats_input, shift, delta, invstd, eps, grad_mean, grad_var, seg)
     return y, new_mean, new_var
+
+
+def _untracked(*tensors: Tensor | None) -> bool:
+    """Whether no derivative of the output can be asked for: grad mode off (or no input requiring
+    grad), no forward-mode AD level open, not traced, no torch.func transform."""
+    if torch.compiler.is_compiling() or getattr(forward_ad, "_current_level", 0) >= 0:
+        return False
+    present = [t for t in tensors if t is not None]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in present):
+        return False
+    return not any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in present)

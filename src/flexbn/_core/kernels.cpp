@@ -213,80 +213,145 @@ void moments_ncl(const T* x, const Geo& g, double* count, double* mean, double* 
   }
 }
 
-// Pointers (at channel c0) to the kept rows among [r, e), at most BLOCK_ROWS; returns how many.
+// NLC rows in order, with their sample n = r / L kept up to date without a division per row.
+struct RowWalk {
+  i64 n, l, L;
+  RowWalk(i64 r, i64 L_) : n(r / L_), l(r % L_), L(L_) {}
+  void next() {
+    if (++l == L) {
+      l = 0;
+      ++n;
+    }
+  }
+};
+
+// Up to four kept rows of one segment, consecutive in memory order, starting at row r (kept): their
+// pointers at channel c0; the walk ends after the last row taken or skipped. Returns how many.
 template <class T>
-inline i64 kept_rows(const T* base, const Geo& g, i64 r, i64 e, i64 c0, const T** rows) {
-  i64 k = 0;
-  for (i64 q = r; q < e; ++q)
-    if (!g.mask || g.mask[q]) rows[k++] = base + q * g.C + c0;
+inline int take_rows(const T* base, const Geo& g, i64& r, i64 r1, RowWalk& walk, i64 s, i64 c0,
+                     int room, const T** rows) {
+  int k = 0;
+  while (r < r1 && k < room) {
+    if (g.mask && !g.mask[r]) {
+      ++r;
+      walk.next();
+      continue;
+    }
+    if (seg_of(g, walk.n) != s) break;
+    rows[k++] = base + r * g.C + c0;
+    ++r;
+    walk.next();
+  }
   return k;
 }
 
+// Per-segment partial tables (in the input's precision) of a window of rows, in bytes at most; with more
+// segments than fit, a window holds one run of a single segment instead.
+constexpr i64 SCATTER_BYTES = i64(1) << 20;
+
 // NLC: rows r = n * L + l of C contiguous values. Rows [r0, r1) and channels [c0, c1) are reduced into
-// seen[G] (this thread's counts), mean/m2 and shift (row stride C), using scratch of 2 * (c1 - c0) values.
+// seen[G] (this thread's counts), mean/m2 and shift (row stride C). Rows are taken in memory order; each
+// adds its deviations from its segment's shift to that segment's partial sums, which join the double
+// statistics every BLOCK_ROWS rows (a window).
 template <class T>
 void moments_nlc_part(const T* x, const Geo& g, i64 r0, i64 r1, i64 c0, i64 c1, double* seen,
-                      double* mean, double* m2, T* shift, T* scratch) {
-  const i64 C = g.C, L = g.L, w = c1 - c0;
-  T *a1 = scratch, *a2 = scratch + w;
-  for (i64 r = r0; r < r1;) {
-    const i64 s = seg_of(g, r / L);
-    i64 e = std::min(r1, r + BLOCK_ROWS);
-    if (g.ids) {  // a run holds one segment
-      i64 stop = r + 1;
-      while (stop < e && g.ids[stop / L] == s) ++stop;
-      e = stop;
+                      double* mean, double* m2, T* shift) {
+  const i64 C = g.C, L = g.L, w = c1 - c0, G = g.G;
+  const bool scatter = 2 * G * w * static_cast<i64>(sizeof(T)) <= SCATTER_BYTES;
+  const i64 slots = scatter ? G : 1;
+  std::vector<T> p1(slots * w, T(0)), p2(slots * w, T(0));
+  std::vector<double> kept(slots, 0.0);
+  std::vector<i64> touched, owner(slots, -1);
+  touched.reserve(BLOCK_ROWS);
+  if (scatter) {  // first shifts: the mean of each segment's first (up to) four kept rows
+    std::vector<double> sum(G * w, 0.0);
+    std::vector<int> probes(G, 0);
+    i64 pending = 0;
+    for (i64 s = 0; s < G; ++s) pending += seen[s] == 0;
+    RowWalk walk(r0, L);
+    for (i64 r = r0; r < r1 && pending > 0; ++r, walk.next()) {
+      if (g.mask && !g.mask[r]) continue;
+      const i64 s = seg_of(g, walk.n);
+      if (seen[s] != 0 || probes[s] == 4) continue;
+      const T* v = x + r * C + c0;
+      for (i64 c = 0; c < w; ++c) sum[s * w + c] += static_cast<double>(v[c]);
+      if (++probes[s] == 4) --pending;
     }
-    T* K = shift + s * C + c0;
-    if (seen[s] == 0) {  // the first shift: the mean of the first kept rows of this run
-      double k = 0;
-      std::fill(a1, a1 + w, T(0));
-      for (i64 q = r; q < e && k < 4; ++q) {
-        if (g.mask && !g.mask[q]) continue;
-        k += 1;
-        const T* v = x + q * C + c0;
-        for (i64 c = 0; c < w; ++c) a1[c] += v[c];
+    for (i64 s = 0; s < G; ++s)
+      if (probes[s] > 0)
+        for (i64 c = 0; c < w; ++c) shift[s * C + c0 + c] = static_cast<T>(sum[s * w + c] / probes[s]);
+  }
+  auto flush = [&]() {
+    for (const i64 sl : touched) {
+      const i64 s = owner[sl];
+      const double k = kept[sl], inv_k = 1.0 / k, f = k / (seen[s] + k), n = seen[s];
+      T *a1 = p1.data() + sl * w, *a2 = p2.data() + sl * w, *K = shift + s * C + c0;
+      double* mo = mean + s * C + c0;
+      double* qo = m2 + s * C + c0;
+#pragma omp simd
+      for (i64 c = 0; c < w; ++c) {
+        merge_run(n, mo[c], qo[c], inv_k, f, static_cast<double>(K[c]), a1[c], a2[c]);
+        K[c] = static_cast<T>(mo[c]);
+        a1[c] = a2[c] = T(0);
       }
-      if (k > 0)
-        for (i64 c = 0; c < w; ++c) K[c] = static_cast<T>(a1[c] / k);
+      seen[s] += k;
+      kept[sl] = 0;
     }
-    std::fill(a1, a1 + w, T(0));
-    std::fill(a2, a2 + w, T(0));
-    const T* rows[BLOCK_ROWS];
-    const i64 nrows = kept_rows(x, g, r, e, c0, rows);
-    const double k = static_cast<double>(nrows);
-    i64 i = 0;
-    for (; i + 4 <= nrows; i += 4) {  // four rows per visit of the accumulators
-      const T *v0 = rows[i], *v1 = rows[i + 1], *v2 = rows[i + 2], *v3 = rows[i + 3];
+    touched.clear();
+  };
+  RowWalk walk(r0, L);
+  i64 in_window = 0;
+  const T* rows[4];
+  for (i64 r = r0; r < r1;) {
+    if (g.mask && !g.mask[r]) {
+      ++r;
+      walk.next();
+      continue;
+    }
+    const i64 s = seg_of(g, walk.n), sl = scatter ? s : 0;
+    if (!scatter && !touched.empty() && owner[0] != s) {
+      flush();
+      in_window = 0;
+    }
+    if (kept[sl] == 0) {
+      touched.push_back(sl);
+      owner[sl] = s;
+      if (!scatter && seen[s] == 0) {  // a run's first shift: its first row
+        const T* v = x + r * C + c0;
+        std::copy(v, v + w, shift + s * C + c0);
+      }
+    }
+    const int k = take_rows(x, g, r, r1, walk, s, c0,
+                            static_cast<int>(std::min<i64>(4, BLOCK_ROWS - in_window)), rows);
+    const T* K = shift + s * C + c0;
+    T *a1 = p1.data() + sl * w, *a2 = p2.data() + sl * w;
+    if (k == 4) {  // four rows per visit of the partial sums
+      const T *v0 = rows[0], *v1 = rows[1], *v2 = rows[2], *v3 = rows[3];
 #pragma omp simd
       for (i64 c = 0; c < w; ++c) {
         const T d0 = v0[c] - K[c], d1 = v1[c] - K[c], d2 = v2[c] - K[c], d3 = v3[c] - K[c];
         a1[c] += (d0 + d1) + (d2 + d3);
         a2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
       }
-    }
-    for (; i < nrows; ++i) {
-      const T* v = rows[i];
+    } else {
+      for (int i = 0; i < k; ++i) {
+        const T* v = rows[i];
 #pragma omp simd
-      for (i64 c = 0; c < w; ++c) {
-        const T d = v[c] - K[c];
-        a1[c] += d;
-        a2[c] += d * d;
+        for (i64 c = 0; c < w; ++c) {
+          const T d = v[c] - K[c];
+          a1[c] += d;
+          a2[c] += d * d;
+        }
       }
     }
-    if (k > 0) {
-      double* mo = mean + s * C + c0;
-      double* qo = m2 + s * C + c0;
-      const double inv_k = 1.0 / k, f = k / (seen[s] + k), n = seen[s];
-#pragma omp simd
-      for (i64 c = 0; c < w; ++c) {
-        merge_run(n, mo[c], qo[c], inv_k, f, static_cast<double>(K[c]), a1[c], a2[c]);
-        K[c] = static_cast<T>(mo[c]);
-      }
-      seen[s] += k;
+    kept[sl] += k;
+    in_window += k;
+    if (in_window >= BLOCK_ROWS) {
+      flush();
+      in_window = 0;
     }
-    r = e;
   }
+  flush();
 }
 
 // Per-thread tables of this many values at most; beyond, threads split channels instead of rows.
@@ -305,9 +370,7 @@ void moments_nlc(const T* x, const Geo& g, double* count, double* mean, double* 
       const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
       const i64 c0 = C * t / T_, c1 = C * (t + 1) / T_;
       std::vector<double> seen(G, 0.0);
-      std::vector<T> scratch(2 * (c1 - c0));
-      if (c1 > c0)
-        moments_nlc_part(x, g, 0, R, c0, c1, seen.data(), mean, m2, shift.data(), scratch.data());
+      if (c1 > c0) moments_nlc_part(x, g, 0, R, c0, c1, seen.data(), mean, m2, shift.data());
       if (t == 0)
         for (i64 s = 0; s < G; ++s) count[s] = seen[s];
     }
@@ -321,9 +384,8 @@ void moments_nlc(const T* x, const Geo& g, double* count, double* mean, double* 
     seen[t].assign(G, 0.0);
     mo[t].assign(G * C, 0.0);
     qo[t].assign(G * C, 0.0);
-    std::vector<T> shift(G * C), scratch(2 * C);
-    moments_nlc_part(x, g, r0, r1, 0, C, seen[t].data(), mo[t].data(), qo[t].data(), shift.data(),
-                     scratch.data());
+    std::vector<T> shift(G * C);
+    moments_nlc_part(x, g, r0, r1, 0, C, seen[t].data(), mo[t].data(), qo[t].data(), shift.data());
   }
   for (i64 s = 0; s < G; ++s) {
     double n = 0;
@@ -379,7 +441,7 @@ void normalize(const T* x, T* y, const Geo& g, const T* shift, const T* delta, c
     const i64 rows = g.N * L;
 #pragma omp parallel for schedule(static) num_threads(threads_for(rows / 8 + 1, g.threads))
     for (i64 r = 0; r < rows; ++r) {
-      const i64 o = seg_of(g, r / L) * C;
+      const i64 o = g.ids ? g.ids[r / L] * C : 0;
       const T *sh = shift + o, *sc = scale + o;
       const T* v = x + r * C;
       T* out = y + r * C;
@@ -468,7 +530,7 @@ void apply(const T* a, const T* u, const T* b, const T* v, const T* s, const T* 
     const i64 rows = g.N * L;
 #pragma omp parallel for schedule(static) num_threads(threads_for(rows / 8 + 1, g.threads))
     for (i64 r = 0; r < rows; ++r) {
-      const i64 o = seg_of(g, r / L) * C, base = r * C;
+      const i64 o = g.ids ? g.ids[r / L] * C : 0, base = r * C;
       const bool keep = !g.mask || g.mask[r];
       const T *A = a ? a + o : nullptr, *B = b ? b + o : nullptr, *S = s ? s + o : nullptr,
               *D = d ? d + o : nullptr;
@@ -484,6 +546,13 @@ void apply(const T* a, const T* u, const T* b, const T* v, const T* s, const T* 
       } else if (A && uu && (!keep || (!B && !D))) {
 #pragma omp simd
         for (i64 c = 0; c < C; ++c) w[c] = A[c] * uu[c];
+      } else if (!A && B && D && vv) {  // the statistics' gradient alone (stats_input)
+        if (keep) {
+#pragma omp simd
+          for (i64 c = 0; c < C; ++c) w[c] = B[c] * (vv[c] - S[c]) + D[c];
+        } else {
+          std::fill(w, w + C, T(0));
+        }
       } else {
         for (i64 c = 0; c < C; ++c) w[c] = affine_term(A, uu, B, vv, S, D, keep, c, c);
       }
@@ -532,53 +601,82 @@ inline void grad_sums(const T* gv, const T* xv, const u8* m, i64 len, T sh, doub
   }
 }
 
+// NLC backward sums, rows in memory order into per-segment partial sums (as moments_nlc_part).
 template <class T>
 void sums_nlc_part(const T* dy, const T* x, const T* shift, const Geo& g, i64 r0, i64 r1, i64 c0,
-                   i64 c1, double* sg, double* sgx, T* scratch) {
-  const i64 C = g.C, L = g.L, w = c1 - c0;
-  T *p = scratch, *q = scratch + w;
-  for (i64 r = r0; r < r1;) {
-    const i64 s = seg_of(g, r / L);
-    i64 e = std::min(r1, r + BLOCK_ROWS);
-    if (g.ids) {
-      i64 stop = r + 1;
-      while (stop < e && g.ids[stop / L] == s) ++stop;
-      e = stop;
+                   i64 c1, double* sg, double* sgx) {
+  const i64 C = g.C, L = g.L, w = c1 - c0, G = g.G;
+  const bool scatter = 2 * G * w * static_cast<i64>(sizeof(T)) <= SCATTER_BYTES;
+  const i64 slots = scatter ? G : 1;
+  std::vector<T> pp(slots * w, T(0)), pq(slots * w, T(0));
+  std::vector<char> used(slots, 0);
+  std::vector<i64> touched, owner(slots, -1);
+  touched.reserve(BLOCK_ROWS);
+  auto flush = [&]() {
+    for (const i64 sl : touched) {
+      const i64 o = owner[sl] * C + c0;
+      T *p = pp.data() + sl * w, *q = pq.data() + sl * w;
+      for (i64 c = 0; c < w; ++c) {
+        sg[o + c] += p[c];
+        sgx[o + c] += q[c];
+        p[c] = q[c] = T(0);
+      }
+      used[sl] = 0;
     }
-    const i64 o = s * C + c0;
-    const T* sh = shift + o;
-    std::fill(p, p + w, T(0));
-    std::fill(q, q + w, T(0));
-    const T* grows[BLOCK_ROWS];
-    const T* xrows[BLOCK_ROWS];
-    kept_rows(dy, g, r, e, c0, grows);
-    const i64 nrows = kept_rows(x, g, r, e, c0, xrows);
-    i64 i = 0;
-    for (; i + 4 <= nrows; i += 4) {
-      const T *g0 = grows[i], *g1 = grows[i + 1], *g2 = grows[i + 2], *g3 = grows[i + 3];
-      const T *x0 = xrows[i], *x1 = xrows[i + 1], *x2 = xrows[i + 2], *x3 = xrows[i + 3];
+    touched.clear();
+  };
+  RowWalk walk(r0, L), gwalk(r0, L);
+  i64 in_window = 0;
+  const T *xr[4], *gr[4];
+  for (i64 r = r0; r < r1;) {
+    if (g.mask && !g.mask[r]) {
+      ++r;
+      walk.next();
+      continue;
+    }
+    const i64 s = seg_of(g, walk.n), sl = scatter ? s : 0;
+    if (!scatter && !touched.empty() && owner[0] != s) {
+      flush();
+      in_window = 0;
+    }
+    if (!used[sl]) {
+      used[sl] = 1;
+      touched.push_back(sl);
+      owner[sl] = s;
+    }
+    const int room = static_cast<int>(std::min<i64>(4, BLOCK_ROWS - in_window));
+    i64 rg = r;
+    gwalk = walk;
+    take_rows(dy, g, rg, r1, gwalk, s, c0, room, gr);
+    const int k = take_rows(x, g, r, r1, walk, s, c0, room, xr);
+    const T* sh = shift + s * C + c0;
+    T *p = pp.data() + sl * w, *q = pq.data() + sl * w;
+    if (k == 4) {
+      const T *g0 = gr[0], *g1 = gr[1], *g2 = gr[2], *g3 = gr[3];
+      const T *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3];
 #pragma omp simd
       for (i64 c = 0; c < w; ++c) {
         p[c] += (g0[c] + g1[c]) + (g2[c] + g3[c]);
         q[c] += (g0[c] * (x0[c] - sh[c]) + g1[c] * (x1[c] - sh[c])) +
                 (g2[c] * (x2[c] - sh[c]) + g3[c] * (x3[c] - sh[c]));
       }
-    }
-    for (; i < nrows; ++i) {
-      const T *gv = grows[i], *xv = xrows[i];
+    } else {
+      for (int i = 0; i < k; ++i) {
+        const T *gv = gr[i], *xv = xr[i];
 #pragma omp simd
-      for (i64 c = 0; c < w; ++c) {
-        p[c] += gv[c];
-        q[c] += gv[c] * (xv[c] - sh[c]);
+        for (i64 c = 0; c < w; ++c) {
+          p[c] += gv[c];
+          q[c] += gv[c] * (xv[c] - sh[c]);
+        }
       }
     }
-    double *a = sg + o, *b = sgx + o;
-    for (i64 c = 0; c < w; ++c) {
-      a[c] += p[c];
-      b[c] += q[c];
+    in_window += k;
+    if (in_window >= BLOCK_ROWS) {
+      flush();
+      in_window = 0;
     }
-    r = e;
   }
+  flush();
 }
 
 template <class T>
@@ -609,8 +707,7 @@ void sums(const T* dy, const T* x, const T* shift, const Geo& g, double* sg, dou
     {
       const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
       const i64 c0 = C * t / T_, c1 = C * (t + 1) / T_;
-      std::vector<T> scratch(2 * (c1 - c0));
-      if (c1 > c0) sums_nlc_part(dy, x, shift, g, 0, R, c0, c1, sg, sgx, scratch.data());
+      if (c1 > c0) sums_nlc_part(dy, x, shift, g, 0, R, c0, c1, sg, sgx);
     }
     return;
   }
@@ -620,9 +717,7 @@ void sums(const T* dy, const T* x, const T* shift, const Geo& g, double* sg, dou
     const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
     pa[t].assign(G * C, 0.0);
     pb[t].assign(G * C, 0.0);
-    std::vector<T> scratch(2 * C);
-    sums_nlc_part(dy, x, shift, g, R * t / T_, R * (t + 1) / T_, 0, C, pa[t].data(), pb[t].data(),
-                  scratch.data());
+    sums_nlc_part(dy, x, shift, g, R * t / T_, R * (t + 1) / T_, 0, C, pa[t].data(), pb[t].data());
   }
   for (int t = 0; t < nt; ++t)
     for (i64 o = 0; o < G * C; ++o) {
