@@ -225,11 +225,17 @@ struct RowWalk {
   }
 };
 
-// Up to four kept rows of one segment, consecutive in memory order, starting at row r (kept): their
+// Up to `room` kept rows of one segment, in memory order, starting at row r (kept): their
 // pointers at channel c0; the walk ends after the last row taken or skipped. Returns how many.
 template <class T>
 inline int take_rows(const T* base, const Geo& g, i64& r, i64 r1, RowWalk& walk, i64 s, i64 c0,
                      int room, const T** rows) {
+  if (!g.mask && !g.ids) {  // every row, one segment: the next ones (the walk is not needed)
+    const int k = static_cast<int>(std::min<i64>(room, r1 - r));
+    for (int i = 0; i < k; ++i) rows[i] = base + (r + i) * g.C + c0;
+    r += k;
+    return k;
+  }
   int k = 0;
   while (r < r1 && k < room) {
     if (g.mask && !g.mask[r]) {
@@ -248,6 +254,7 @@ inline int take_rows(const T* base, const Geo& g, i64& r, i64 r1, RowWalk& walk,
 // Per-segment partial tables (in the input's precision) of a window of rows, in bytes at most; with more
 // segments than fit, a window holds one run of a single segment instead.
 constexpr i64 SCATTER_BYTES = i64(1) << 20;
+constexpr int GROUP = 16; // rows of one segment added per visit of its partial sums
 
 // NLC: rows r = n * L + l of C contiguous values. Rows [r0, r1) and channels [c0, c1) are reduced into
 // seen[G] (this thread's counts), mean/m2 and shift (row stride C). Rows are taken in memory order; each
@@ -257,7 +264,7 @@ template <class T>
 void moments_nlc_part(const T* x, const Geo& g, i64 r0, i64 r1, i64 c0, i64 c1, double* seen,
                       double* mean, double* m2, T* shift) {
   const i64 C = g.C, L = g.L, w = c1 - c0, G = g.G;
-  const bool scatter = 2 * G * w * static_cast<i64>(sizeof(T)) <= SCATTER_BYTES;
+  const bool scatter = !g.ids || 2 * G * w * static_cast<i64>(sizeof(T)) <= SCATTER_BYTES;
   const i64 slots = scatter ? G : 1;
   std::vector<T> p1(slots * w, T(0)), p2(slots * w, T(0));
   std::vector<double> kept(slots, 0.0);
@@ -299,9 +306,63 @@ void moments_nlc_part(const T* x, const Geo& g, i64 r0, i64 r1, i64 c0, i64 c1, 
     }
     touched.clear();
   };
+  if (!g.ids) {  // one segment: groups of consecutive rows, masked-out ones cleared in the sums
+    T *a1 = p1.data(), *a2 = p2.data(), *K = shift + c0;
+    i64 in_window = 0;
+    for (i64 r = r0; r < r1;) {
+      const int k = static_cast<int>(std::min<i64>({GROUP, r1 - r, BLOCK_ROWS - in_window}));
+      const u8* m = g.mask ? g.mask + r : nullptr;
+      double k_kept = k;
+      if (m) {
+        k_kept = 0;
+        for (int i = 0; i < k; ++i) k_kept += m[i];
+      }
+      const T* v = x + r * C + c0;
+      if (k_kept == 0) {
+      } else if (k == GROUP) {
+        u8 keep[GROUP];
+        for (int i = 0; i < GROUP; ++i) keep[i] = m ? m[i] : 1;
+#pragma omp simd
+        for (i64 c = 0; c < w; ++c) {
+          T s1 = 0, s2 = 0;
+#pragma GCC unroll 16
+          for (int i = 0; i < GROUP; ++i) {
+            const T d = keep_if(v[i * C + c] - K[c], keep[i]);
+            s1 += d;
+            s2 += d * d;
+          }
+          a1[c] += s1;
+          a2[c] += s2;
+        }
+      } else {
+        for (int i = 0; i < k; ++i) {
+          if (m && !m[i]) continue;
+#pragma omp simd
+          for (i64 c = 0; c < w; ++c) {
+            const T d = v[i * C + c] - K[c];
+            a1[c] += d;
+            a2[c] += d * d;
+          }
+        }
+      }
+      if (k_kept > 0 && kept[0] == 0) {
+        touched.push_back(0);
+        owner[0] = 0;
+      }
+      kept[0] += k_kept;
+      in_window += k;
+      r += k;
+      if (in_window >= BLOCK_ROWS) {
+        flush();
+        in_window = 0;
+      }
+    }
+    flush();
+    return;
+  }
   RowWalk walk(r0, L);
   i64 in_window = 0;
-  const T* rows[4];
+  const T* rows[GROUP];
   for (i64 r = r0; r < r1;) {
     if (g.mask && !g.mask[r]) {
       ++r;
@@ -322,16 +383,22 @@ void moments_nlc_part(const T* x, const Geo& g, i64 r0, i64 r1, i64 c0, i64 c1, 
       }
     }
     const int k = take_rows(x, g, r, r1, walk, s, c0,
-                            static_cast<int>(std::min<i64>(4, BLOCK_ROWS - in_window)), rows);
+                            static_cast<int>(std::min<i64>(GROUP, BLOCK_ROWS - in_window)), rows);
     const T* K = shift + s * C + c0;
     T *a1 = p1.data() + sl * w, *a2 = p2.data() + sl * w;
-    if (k == 4) {  // four rows per visit of the partial sums
-      const T *v0 = rows[0], *v1 = rows[1], *v2 = rows[2], *v3 = rows[3];
+    if (k == GROUP && rows[k - 1] == rows[0] + (k - 1) * C) {  // GROUP consecutive rows at once
+      const T* v = rows[0];
 #pragma omp simd
       for (i64 c = 0; c < w; ++c) {
-        const T d0 = v0[c] - K[c], d1 = v1[c] - K[c], d2 = v2[c] - K[c], d3 = v3[c] - K[c];
-        a1[c] += (d0 + d1) + (d2 + d3);
-        a2[c] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+        T s1 = 0, s2 = 0;
+#pragma GCC unroll 16
+        for (int i = 0; i < GROUP; ++i) {
+          const T d = v[i * C + c] - K[c];
+          s1 += d;
+          s2 += d * d;
+        }
+        a1[c] += s1;
+        a2[c] += s2;
       }
     } else {
       for (int i = 0; i < k; ++i) {
@@ -625,9 +692,57 @@ void sums_nlc_part(const T* dy, const T* x, const T* shift, const Geo& g, i64 r0
     }
     touched.clear();
   };
+  if (!g.ids) {  // one segment: groups of consecutive rows, masked-out ones cleared in the sums
+    T *p = pp.data(), *q = pq.data();
+    const T* sh = shift + c0;
+    i64 in_window = 0;
+    for (i64 r = r0; r < r1;) {
+      const int k = static_cast<int>(std::min<i64>({GROUP, r1 - r, BLOCK_ROWS - in_window}));
+      const u8* m = g.mask ? g.mask + r : nullptr;
+      const T *gv = dy + r * C + c0, *xv = x + r * C + c0;
+      if (k == GROUP) {
+        u8 keep[GROUP];
+        for (int i = 0; i < GROUP; ++i) keep[i] = m ? m[i] : 1;
+#pragma omp simd
+        for (i64 c = 0; c < w; ++c) {
+          T sp = 0, sq = 0;
+#pragma GCC unroll 16
+          for (int i = 0; i < GROUP; ++i) {
+            const T gg = gv[i * C + c];
+            sp += keep_if(gg, keep[i]);
+            sq += keep_if(gg * (xv[i * C + c] - sh[c]), keep[i]);
+          }
+          p[c] += sp;
+          q[c] += sq;
+        }
+      } else {
+        for (int i = 0; i < k; ++i) {
+          if (m && !m[i]) continue;
+#pragma omp simd
+          for (i64 c = 0; c < w; ++c) {
+            p[c] += gv[i * C + c];
+            q[c] += gv[i * C + c] * (xv[i * C + c] - sh[c]);
+          }
+        }
+      }
+      if (!used[0]) {
+        used[0] = 1;
+        touched.push_back(0);
+        owner[0] = 0;
+      }
+      in_window += k;
+      r += k;
+      if (in_window >= BLOCK_ROWS) {
+        flush();
+        in_window = 0;
+      }
+    }
+    flush();
+    return;
+  }
   RowWalk walk(r0, L), gwalk(r0, L);
   i64 in_window = 0;
-  const T *xr[4], *gr[4];
+  const T *xr[GROUP], *gr[GROUP];
   for (i64 r = r0; r < r1;) {
     if (g.mask && !g.mask[r]) {
       ++r;
@@ -644,21 +759,28 @@ void sums_nlc_part(const T* dy, const T* x, const T* shift, const Geo& g, i64 r0
       touched.push_back(sl);
       owner[sl] = s;
     }
-    const int room = static_cast<int>(std::min<i64>(4, BLOCK_ROWS - in_window));
+    const int room = static_cast<int>(std::min<i64>(GROUP, BLOCK_ROWS - in_window));
     i64 rg = r;
     gwalk = walk;
     take_rows(dy, g, rg, r1, gwalk, s, c0, room, gr);
     const int k = take_rows(x, g, r, r1, walk, s, c0, room, xr);
     const T* sh = shift + s * C + c0;
     T *p = pp.data() + sl * w, *q = pq.data() + sl * w;
-    if (k == 4) {
-      const T *g0 = gr[0], *g1 = gr[1], *g2 = gr[2], *g3 = gr[3];
-      const T *x0 = xr[0], *x1 = xr[1], *x2 = xr[2], *x3 = xr[3];
+    if (k == GROUP && xr[k - 1] == xr[0] + (k - 1) * C) {  // GROUP consecutive rows at once
+      const T *gv = gr[0], *xv = xr[0];
 #pragma omp simd
       for (i64 c = 0; c < w; ++c) {
-        p[c] += (g0[c] + g1[c]) + (g2[c] + g3[c]);
-        q[c] += (g0[c] * (x0[c] - sh[c]) + g1[c] * (x1[c] - sh[c])) +
-                (g2[c] * (x2[c] - sh[c]) + g3[c] * (x3[c] - sh[c]));
+        T sp0 = 0, sq0 = 0, sp1 = 0, sq1 = 0;  // two chains: latency, not throughput, bounds one
+#pragma GCC unroll 8
+        for (int i = 0; i < GROUP; i += 2) {
+          const T g0 = gv[i * C + c], g1 = gv[(i + 1) * C + c];
+          sp0 += g0;
+          sp1 += g1;
+          sq0 += g0 * (xv[i * C + c] - sh[c]);
+          sq1 += g1 * (xv[(i + 1) * C + c] - sh[c]);
+        }
+        p[c] += sp0 + sp1;
+        q[c] += sq0 + sq1;
       }
     } else {
       for (int i = 0; i < k; ++i) {

@@ -199,11 +199,30 @@ class _Geo:
             torch.get_num_threads(),
         ]
 
+    def elementwise(self) -> tuple[list[Any], int]:
+        """Geometry arguments for the elementwise kernels, and how many times per-channel tables must
+        be tiled for them: channels-last rows of one segment and no mask are independent of their row,
+        so ``k`` consecutive rows are handed over as one row of ``k * C`` values (the kernels' per-row
+        work then covers at least ~1024 values)."""
+        rows = self.n * self.l
+        if self.layout != 1 or self.ids is not None or self.mask is not None or self.c >= _WIDE:
+            return self.args(), 1
+        k = max(d for d in range(1, _WIDE // self.c + 1) if rows % d == 0)
+        return [rows // k, self.c * k, 1, 1, None, 1, None, torch.get_num_threads()], k
+
     def param(self, t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
         """A per-channel ``(C,)`` or per-segment ``(G, C)`` value as a contiguous ``(G, C)`` table."""
         if t is None:
             return None
         return t.to(dtype).expand(self.g, self.c).contiguous()
+
+
+_WIDE = 1024  # values per row the elementwise kernels are given at least, where rows can be merged
+
+
+def _tiled(t: Tensor | None, k: int) -> Tensor | None:
+    """A ``(1, C)`` table repeated for ``k`` merged rows: ``(1, k * C)``."""
+    return t if t is None or k == 1 else t.repeat(1, k)
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -265,9 +284,10 @@ def normalize(
     geo = _Geo(x, seg)
     xk = geo.like(x, cdt)
     scale = invstd if weight is None else invstd * weight
-    tables = [geo.param(t, cdt) for t in (shift, delta, scale, bias)]
+    flat, tile = geo.elementwise()
+    tables = [_tiled(geo.param(t, cdt), tile) for t in (shift, delta, scale, bias)]
     y = torch.empty_like(xk, memory_format=geo.format)
-    _call("normalize", cdt, xk.data_ptr(), y.data_ptr(), *geo.args(), *map(_ptr, tables))
+    _call("normalize", cdt, xk.data_ptr(), y.data_ptr(), *flat, *map(_ptr, tables))
     return y.to(x.dtype)
 
 
@@ -308,16 +328,8 @@ def backward_formula(
     if need_sum_g or need_sum_gxmu or synced:
         sg = torch.empty(geo.g, geo.c, dtype=torch.float64)
         sgx = torch.empty_like(sg)
-        _call(
-            "sums",
-            cdt,
-            gk.data_ptr(),
-            xk.data_ptr(),
-            _ptr(shift_t),
-            *geo.args(),
-            sg.data_ptr(),
-            sgx.data_ptr(),
-        )
+        args = [gk.data_ptr(), xk.data_ptr(), _ptr(shift_t), *geo.args()]
+        _call("sums", cdt, *args, sg.data_ptr(), sgx.data_ptr())
         if delta is not None:
             sgx = sgx - delta.double() * sg
         if seg.ids is None:
@@ -351,8 +363,11 @@ def backward_formula(
         like: Tensor,
     ) -> Tensor:
         out = torch.empty_like(xk, memory_format=geo.format)
-        args = [a_, u, b_, v if b_ is not None else None, shift_t if b_ is not None else None, d_]
-        _call("apply", cdt, *map(_ptr, args), out.data_ptr(), *geo.args())
+        flat, tile = geo.elementwise()
+        s_ = shift_t if b_ is not None else None
+        args = [_tiled(a_, tile), u, _tiled(b_, tile), v if b_ is not None else None]
+        args += [_tiled(s_, tile), _tiled(d_, tile)]
+        _call("apply", cdt, *map(_ptr, args), out.data_ptr(), *flat)
         return out.to(like.dtype).contiguous(memory_format=_memory_format(like))
 
     grad_input = grad_z = None
