@@ -288,22 +288,24 @@ void moments_nlc_part(const T* x, const Geo& g, i64 r0, i64 r1, i64 c0, i64 c1, 
       if (probes[s] > 0)
         for (i64 c = 0; c < w; ++c) shift[s * C + c0 + c] = static_cast<T>(sum[s * w + c] / probes[s]);
   }
-  auto flush = [&]() {
-    for (const i64 sl : touched) {
-      const i64 s = owner[sl];
-      const double k = kept[sl], inv_k = 1.0 / k, f = k / (seen[s] + k), n = seen[s];
-      T *a1 = p1.data() + sl * w, *a2 = p2.data() + sl * w, *K = shift + s * C + c0;
-      double* mo = mean + s * C + c0;
-      double* qo = m2 + s * C + c0;
+  auto flush_slot = [&](i64 sl) {
+    if (kept[sl] == 0) return;
+    const i64 s = owner[sl];
+    const double k = kept[sl], inv_k = 1.0 / k, f = k / (seen[s] + k), n = seen[s];
+    T *a1 = p1.data() + sl * w, *a2 = p2.data() + sl * w, *K = shift + s * C + c0;
+    double* mo = mean + s * C + c0;
+    double* qo = m2 + s * C + c0;
 #pragma omp simd
-      for (i64 c = 0; c < w; ++c) {
-        merge_run(n, mo[c], qo[c], inv_k, f, static_cast<double>(K[c]), a1[c], a2[c]);
-        K[c] = static_cast<T>(mo[c]);
-        a1[c] = a2[c] = T(0);
-      }
-      seen[s] += k;
-      kept[sl] = 0;
+    for (i64 c = 0; c < w; ++c) {
+      merge_run(n, mo[c], qo[c], inv_k, f, static_cast<double>(K[c]), a1[c], a2[c]);
+      K[c] = static_cast<T>(mo[c]);
+      a1[c] = a2[c] = T(0);
     }
+    seen[s] += k;
+    kept[sl] = 0;
+  };
+  auto flush = [&]() {
+    for (const i64 sl : touched) flush_slot(sl);
     touched.clear();
   };
   if (!g.ids) {  // one segment: groups of consecutive rows, masked-out ones cleared in the sums
@@ -361,7 +363,7 @@ void moments_nlc_part(const T* x, const Geo& g, i64 r0, i64 r1, i64 c0, i64 c1, 
     return;
   }
   RowWalk walk(r0, L);
-  i64 in_window = 0;
+  std::vector<char> listed(slots, 0);
   const T* rows[GROUP];
   for (i64 r = r0; r < r1;) {
     if (g.mask && !g.mask[r]) {
@@ -370,20 +372,19 @@ void moments_nlc_part(const T* x, const Geo& g, i64 r0, i64 r1, i64 c0, i64 c1, 
       continue;
     }
     const i64 s = seg_of(g, walk.n), sl = scatter ? s : 0;
-    if (!scatter && !touched.empty() && owner[0] != s) {
-      flush();
-      in_window = 0;
-    }
-    if (kept[sl] == 0) {
-      touched.push_back(sl);
+    if (!scatter && owner[0] != s) flush_slot(0);  // a run ends
+    if (owner[sl] != s || !listed[sl]) {
+      if (!listed[sl]) touched.push_back(sl);
+      listed[sl] = 1;
       owner[sl] = s;
       if (!scatter && seen[s] == 0) {  // a run's first shift: its first row
         const T* v = x + r * C + c0;
         std::copy(v, v + w, shift + s * C + c0);
       }
     }
-    const int k = take_rows(x, g, r, r1, walk, s, c0,
-                            static_cast<int>(std::min<i64>(GROUP, BLOCK_ROWS - in_window)), rows);
+    // A segment's partial sums take BLOCK_ROWS rows before they join its statistics.
+    const int room = static_cast<int>(std::min<i64>(GROUP, BLOCK_ROWS - static_cast<i64>(kept[sl])));
+    const int k = take_rows(x, g, r, r1, walk, s, c0, room, rows);
     const T* K = shift + s * C + c0;
     T *a1 = p1.data() + sl * w, *a2 = p2.data() + sl * w;
     if (k == GROUP && rows[k - 1] == rows[0] + (k - 1) * C) {  // GROUP consecutive rows at once
@@ -412,11 +413,7 @@ void moments_nlc_part(const T* x, const Geo& g, i64 r0, i64 r1, i64 c0, i64 c1, 
       }
     }
     kept[sl] += k;
-    in_window += k;
-    if (in_window >= BLOCK_ROWS) {
-      flush();
-      in_window = 0;
-    }
+    if (kept[sl] >= BLOCK_ROWS) flush_slot(sl);
   }
   flush();
 }
@@ -679,17 +676,21 @@ void sums_nlc_part(const T* dy, const T* x, const T* shift, const Geo& g, i64 r0
   std::vector<char> used(slots, 0);
   std::vector<i64> touched, owner(slots, -1);
   touched.reserve(BLOCK_ROWS);
-  auto flush = [&]() {
-    for (const i64 sl : touched) {
-      const i64 o = owner[sl] * C + c0;
-      T *p = pp.data() + sl * w, *q = pq.data() + sl * w;
-      for (i64 c = 0; c < w; ++c) {
-        sg[o + c] += p[c];
-        sgx[o + c] += q[c];
-        p[c] = q[c] = T(0);
-      }
-      used[sl] = 0;
+  std::vector<i64> rows_in(slots, 0);  // rows in each slot's partial sums
+  auto flush_slot = [&](i64 sl) {
+    if (rows_in[sl] == 0) return;
+    const i64 o = owner[sl] * C + c0;
+    T *p = pp.data() + sl * w, *q = pq.data() + sl * w;
+    for (i64 c = 0; c < w; ++c) {
+      sg[o + c] += p[c];
+      sgx[o + c] += q[c];
+      p[c] = q[c] = T(0);
     }
+    rows_in[sl] = 0;
+  };
+  auto flush = [&]() {
+    for (const i64 sl : touched) flush_slot(sl);
+    for (const i64 sl : touched) used[sl] = 0;
     touched.clear();
   };
   if (!g.ids) {  // one segment: groups of consecutive rows, masked-out ones cleared in the sums
@@ -700,9 +701,22 @@ void sums_nlc_part(const T* dy, const T* x, const T* shift, const Geo& g, i64 r0
       const int k = static_cast<int>(std::min<i64>({GROUP, r1 - r, BLOCK_ROWS - in_window}));
       const u8* m = g.mask ? g.mask + r : nullptr;
       const T *gv = dy + r * C + c0, *xv = x + r * C + c0;
-      if (k == GROUP) {
+      if (k == GROUP && !m) {
+#pragma omp simd
+        for (i64 c = 0; c < w; ++c) {
+          T sp = 0, sq = 0;
+#pragma GCC unroll 16
+          for (int i = 0; i < GROUP; ++i) {
+            const T gg = gv[i * C + c];
+            sp += gg;
+            sq += gg * (xv[i * C + c] - sh[c]);
+          }
+          p[c] += sp;
+          q[c] += sq;
+        }
+      } else if (k == GROUP) {
         u8 keep[GROUP];
-        for (int i = 0; i < GROUP; ++i) keep[i] = m ? m[i] : 1;
+        for (int i = 0; i < GROUP; ++i) keep[i] = m[i];
 #pragma omp simd
         for (i64 c = 0; c < w; ++c) {
           T sp = 0, sq = 0;
@@ -730,6 +744,7 @@ void sums_nlc_part(const T* dy, const T* x, const T* shift, const Geo& g, i64 r0
         touched.push_back(0);
         owner[0] = 0;
       }
+      rows_in[0] += k;
       in_window += k;
       r += k;
       if (in_window >= BLOCK_ROWS) {
@@ -741,7 +756,6 @@ void sums_nlc_part(const T* dy, const T* x, const T* shift, const Geo& g, i64 r0
     return;
   }
   RowWalk walk(r0, L), gwalk(r0, L);
-  i64 in_window = 0;
   const T *xr[GROUP], *gr[GROUP];
   for (i64 r = r0; r < r1;) {
     if (g.mask && !g.mask[r]) {
@@ -750,16 +764,13 @@ void sums_nlc_part(const T* dy, const T* x, const T* shift, const Geo& g, i64 r0
       continue;
     }
     const i64 s = seg_of(g, walk.n), sl = scatter ? s : 0;
-    if (!scatter && !touched.empty() && owner[0] != s) {
-      flush();
-      in_window = 0;
-    }
+    if (!scatter && owner[0] != s) flush_slot(0);  // a run ends
     if (!used[sl]) {
       used[sl] = 1;
       touched.push_back(sl);
-      owner[sl] = s;
     }
-    const int room = static_cast<int>(std::min<i64>(GROUP, BLOCK_ROWS - in_window));
+    owner[sl] = s;
+    const int room = static_cast<int>(std::min<i64>(GROUP, BLOCK_ROWS - rows_in[sl]));
     i64 rg = r;
     gwalk = walk;
     take_rows(dy, g, rg, r1, gwalk, s, c0, room, gr);
@@ -792,11 +803,8 @@ void sums_nlc_part(const T* dy, const T* x, const T* shift, const Geo& g, i64 r0
         }
       }
     }
-    in_window += k;
-    if (in_window >= BLOCK_ROWS) {
-      flush();
-      in_window = 0;
-    }
+    rows_in[sl] += k;
+    if (rows_in[sl] >= BLOCK_ROWS) flush_slot(sl);
   }
   flush();
 }
