@@ -529,6 +529,19 @@ class _Config:
             torch.cuda.synchronize(self.device)
 
 
+def _kernel_build() -> str:
+    """How this process got flexbn's C++ kernels (the ``cpp`` backend's one-time cost), if it used them."""
+    try:
+        from flexbn._core import kernels
+    except ImportError:  # a flexbn without the cpp backend
+        return ""
+    info = kernels.build_info()
+    if not info:
+        return ""
+    how = "loaded from the cache" if info["cached"] else f"built in {info['seconds']:.1f} s"
+    return f"cpp kernels: {how} ({info['path']})"
+
+
 def _keep_freed_memory() -> bool:
     """Ask glibc to serve blocks of up to 32 MiB from the heap and not to return freed memory to the
     system; False where that is not glibc."""
@@ -1278,6 +1291,9 @@ def run_cli(args: Any) -> int:
         torch.set_num_threads(threads)
     if rows:
         r, loads = rows[0], [x.load for x in rows]
+        built = _kernel_build()
+        if built:
+            print(built)
         print(
             f"device={r.device}, dtype={r.dtype}, threads={r.threads}, torch={r.torch}, "
             f"flexbn={r.flexbn}, python={r.python}, load (1 min)={min(loads)}-{max(loads)}"

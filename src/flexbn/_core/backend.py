@@ -101,10 +101,15 @@ def _check_runnable(name: str) -> str:
     return name
 
 
-def _kernels() -> types.ModuleType:
-    from . import kernels  # imported on first use: nothing heavy at ``import flexbn``
+_loaded: list[types.ModuleType] = []
 
-    return kernels
+
+def _kernels() -> types.ModuleType:
+    if not _loaded:
+        from . import kernels  # imported on first use: nothing heavy at ``import flexbn``
+
+        _loaded.append(kernels)
+    return _loaded[0]
 
 
 def cpp_available() -> bool:
@@ -134,12 +139,14 @@ def _why_not(device_type: str) -> str:
     return f"no compiled kernels for device type {device_type!r}"
 
 
-def _tensors(args: tuple[Any, ...]) -> Iterator[Tensor]:
+def _tensors(args: tuple[Any, ...], out: list[Tensor]) -> list[Tensor]:
+    """The tensors among ``args`` and inside its tuples (the segments), appended to ``out``."""
     for a in args:
         if isinstance(a, Tensor):
-            yield a
+            out.append(a)
         elif isinstance(a, tuple):
-            yield from _tensors(a)
+            _tensors(a, out)
+    return out
 
 
 def _choose(args: tuple[Any, ...]) -> str:
@@ -148,10 +155,11 @@ def _choose(args: tuple[Any, ...]) -> str:
     name = get_backend()
     if name == "reference" or torch.compiler.is_compiling():
         return "reference"
-    tensors = list(_tensors(args))
+    tensors = _tensors(args, [])
     if not tensors:
         return "reference"
-    if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    if any(wrapped(t) for t in tensors):
         return "reference"
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return "reference"  # being differentiated: the reference builds the graph
@@ -159,7 +167,8 @@ def _choose(args: tuple[Any, ...]) -> str:
     if name == "cpp" or (name == "auto" and device == "cpu"):
         if device != "cpu" and name == "cpp":
             raise RuntimeError(f"flexbn backend 'cpp' runs on CPU tensors only, not on {device}")
-        if _kernels().supports(*tensors) and (name == "cpp" or cpp_available()):
+        kernels = _kernels()
+        if kernels.supports(*tensors) and (name == "cpp" or kernels.why_not() == ""):
             return "cpp"
         if name == "auto":
             _log_once(device)

@@ -214,6 +214,8 @@ class _Geo:
         """A per-channel ``(C,)`` or per-segment ``(G, C)`` value as a contiguous ``(G, C)`` table."""
         if t is None:
             return None
+        if self.g == 1 and t.dim() == 1 and t.dtype == dtype and t.is_contiguous():
+            return t  # a (C,) table already is a contiguous (1, C) one
         return t.to(dtype).expand(self.g, self.c).contiguous()
 
 
@@ -222,16 +224,20 @@ _WIDE = 1024  # values per row the elementwise kernels are given at least, where
 
 def _tiled(t: Tensor | None, k: int) -> Tensor | None:
     """A ``(1, C)`` table repeated for ``k`` merged rows: ``(1, k * C)``."""
-    return t if t is None or k == 1 else t.repeat(1, k)
+    return t if t is None or k == 1 else t.reshape(1, -1).repeat(1, k)
 
 
 def _ptr(t: Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+@functools.cache
+def _function(name: str, dtype: torch.dtype) -> Any:
+    return getattr(library(), f"flexbn_{name}_{_SUFFIX[dtype]}")
+
+
 def _call(name: str, dtype: torch.dtype, *args: Any) -> None:
-    fn = getattr(library(), f"flexbn_{name}_{_SUFFIX[dtype]}")
-    if fn(*args) != 0:
+    if _function(name, dtype)(*args) != 0:
         raise ValueError("segment ids must lie in [0, number of segments)")
 
 
