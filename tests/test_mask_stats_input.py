@@ -407,20 +407,27 @@ def padded(clean: Tensor, mask: Tensor, fill: float) -> Tensor:
     return torch.where(mask.unsqueeze(1), clean.detach(), fill).requires_grad_()
 
 
+PADDED_LAYOUTS = [
+    pytest.param((4, C, 6), CONTIG, id="NCL"),
+    pytest.param((4, C, 2, 3), CL, id="NCHW-channels_last"),  # the kernels' row layout
+    pytest.param((12, C), CONTIG, id="NC"),
+]
+
+
 @pytest.mark.parametrize("zero_at_padding", UPSTREAM)
 @pytest.mark.parametrize("fill", FILLS)
 @pytest.mark.parametrize(MODE_ARGS, MODES)
+@pytest.mark.parametrize(("shape", "memory_format"), PADDED_LAYOUTS)
 def test_padding_values_never_reach_real_outputs_or_gradients(
-    detach_mean, detach_var, fill, zero_at_padding
+    shape, memory_format, detach_mean, detach_var, fill, zero_at_padding
 ):
     """Huge or non-finite padding: the real outputs, the whole input gradient (at padded positions
     ``dy * w * invstd``, whatever the padded value), the weight and bias gradients and the running buffers
     are those of the composition on finite padding, and finite; padded outputs are the composition's."""
     flags = {"detach_mean": detach_mean, "detach_var": detach_var}
-    shape = (4, C, 6)
     clean = make_input(shape)
     mask = make_mask(shape)
-    x = padded(clean, mask, fill)
+    x = padded(clean, mask, fill).detach().contiguous(memory_format=memory_format).requires_grad_()
     w, b = make_affine()
     gy = torch.randn(shape, dtype=F64)
     if zero_at_padding:

@@ -254,7 +254,49 @@ inline int take_rows(const T* base, const Geo& g, i64& r, i64 r1, RowWalk& walk,
 // Per-segment partial tables (in the input's precision) of a window of rows, in bytes at most; with more
 // segments than fit, a window holds one run of a single segment instead.
 constexpr i64 SCATTER_BYTES = i64(1) << 20;
-constexpr int GROUP = 16; // rows of one segment added per visit of its partial sums
+constexpr int GROUP = 16;  // rows of one segment added per visit of its partial sums
+// Rows of 2 KiB or more: 16 of them (twice, for the backward's two inputs) at once map to the same L1
+// sets and evict each other; 4 at a time, the per-row overhead is already small against the row.
+constexpr int WIDE_GROUP = 4;
+
+template <class T>
+inline int narrow_group(i64 w) {
+  return w * static_cast<i64>(sizeof(T)) >= 2048 ? WIDE_GROUP : GROUP;
+}
+
+// R consecutive rows (stride C) added to the partial sums of deviations from K.
+template <int R, class T>
+inline void shifted_group(const T* v, i64 C, i64 w, const T* K, T* a1, T* a2) {
+#pragma omp simd
+  for (i64 c = 0; c < w; ++c) {
+    T s1 = 0, s2 = 0;
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const T d = v[i * C + c] - K[c];
+      s1 += d;
+      s2 += d * d;
+    }
+    a1[c] += s1;
+    a2[c] += s2;
+  }
+}
+
+// R consecutive rows of dy and x added to the backward's partial sums.
+template <int R, class T>
+inline void grad_group(const T* gv, const T* xv, i64 C, i64 w, const T* sh, T* p, T* q) {
+#pragma omp simd
+  for (i64 c = 0; c < w; ++c) {
+    T sp = 0, sq = 0;
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const T gg = gv[i * C + c];
+      sp += gg;
+      sq += gg * (xv[i * C + c] - sh[c]);
+    }
+    p[c] += sp;
+    q[c] += sq;
+  }
+}
 
 // NLC: rows r = n * L + l of C contiguous values. Rows [r0, r1) and channels [c0, c1) are reduced into
 // seen[G] (this thread's counts), mean/m2 and shift (row stride C). Rows are taken in memory order; each
@@ -311,8 +353,9 @@ void moments_nlc_part(const T* x, const Geo& g, i64 r0, i64 r1, i64 c0, i64 c1, 
   if (!g.ids) {  // one segment: groups of consecutive rows, masked-out ones cleared in the sums
     T *a1 = p1.data(), *a2 = p2.data(), *K = shift + c0;
     i64 in_window = 0;
+    const int group = narrow_group<T>(w);
     for (i64 r = r0; r < r1;) {
-      const int k = static_cast<int>(std::min<i64>({GROUP, r1 - r, BLOCK_ROWS - in_window}));
+      const int k = static_cast<int>(std::min<i64>({group, r1 - r, BLOCK_ROWS - in_window}));
       const u8* m = g.mask ? g.mask + r : nullptr;
       double k_kept = k;
       if (m) {
@@ -321,6 +364,8 @@ void moments_nlc_part(const T* x, const Geo& g, i64 r0, i64 r1, i64 c0, i64 c1, 
       }
       const T* v = x + r * C + c0;
       if (k_kept == 0) {
+      } else if (k == WIDE_GROUP && !m) {
+        shifted_group<WIDE_GROUP>(v, C, w, K, a1, a2);
       } else if (k == GROUP) {
         u8 keep[GROUP];
         for (int i = 0; i < GROUP; ++i) keep[i] = m ? m[i] : 1;
@@ -697,23 +742,15 @@ void sums_nlc_part(const T* dy, const T* x, const T* shift, const Geo& g, i64 r0
     T *p = pp.data(), *q = pq.data();
     const T* sh = shift + c0;
     i64 in_window = 0;
+    const int group = narrow_group<T>(w);
     for (i64 r = r0; r < r1;) {
-      const int k = static_cast<int>(std::min<i64>({GROUP, r1 - r, BLOCK_ROWS - in_window}));
+      const int k = static_cast<int>(std::min<i64>({group, r1 - r, BLOCK_ROWS - in_window}));
       const u8* m = g.mask ? g.mask + r : nullptr;
       const T *gv = dy + r * C + c0, *xv = x + r * C + c0;
       if (k == GROUP && !m) {
-#pragma omp simd
-        for (i64 c = 0; c < w; ++c) {
-          T sp = 0, sq = 0;
-#pragma GCC unroll 16
-          for (int i = 0; i < GROUP; ++i) {
-            const T gg = gv[i * C + c];
-            sp += gg;
-            sq += gg * (xv[i * C + c] - sh[c]);
-          }
-          p[c] += sp;
-          q[c] += sq;
-        }
+        grad_group<GROUP>(gv, xv, C, w, sh, p, q);
+      } else if (k == WIDE_GROUP && !m) {
+        grad_group<WIDE_GROUP>(gv, xv, C, w, sh, p, q);
       } else if (k == GROUP) {
         u8 keep[GROUP];
         for (int i = 0; i < GROUP; ++i) keep[i] = m[i];
