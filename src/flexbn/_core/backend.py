@@ -5,7 +5,7 @@
   input, each a separate torch kernel.
 * ``cpp``: hand-written C++/OpenMP kernels for CPU tensors (``kernels.cpp``): one pass for the statistics,
   one for the output, and two for the backward, for every statistics set, gradient mode and memory layout.
-  Built once per machine with the system C++ compiler (about 2 s) and cached on disk
+  Built once per machine with the system C++ compiler (2 to 3 s) and cached on disk
   (``kernels.cache_dir()``); later processes load the built library.
 * ``compiled``: the reference functions compiled by ``torch.compile`` (Inductor: C++/OpenMP loops on CPU,
   Triton on CUDA). Each configuration (dtype, rank, memory layout, options, statistics set) compiles

@@ -4,11 +4,13 @@ The core's three hot functions -- ``stats.moments``, ``autograd.normalize`` and
 ``autograd.backward_formula`` -- each become one or two passes over the input, for every statistics set
 (whole batch, mask, bags, ghost batches, domains) and gradient mode, in every memory layout: contiguous
 input is reduced row by row, channels_last and ``(N, C)`` input with the channels as the vector lanes.
-Statistics are exact-centred in float64 (``kernels.cpp`` notes), so they agree with the reference's
-float64-checked values at least as well as the reference does.
+Statistics are sums of deviations from a shift kept near each mean, merged in float64 with Chan's formulas
+(``kernels.cpp`` notes, ``docs/numerics.md``): one read of the input, and no cancellation however large
+the mean. The library shares torch's OpenMP runtime (the same ``libgomp``) and uses
+``torch.get_num_threads()`` threads.
 
 The library is compiled once per machine and source version with the system C++ compiler (``$CXX``, else
-``g++``/``c++``/``clang++``; about 5 s) into ``$FLEXBN_CACHE_DIR`` (default ``~/.cache/flexbn``) and loaded
+``g++``/``c++``/``clang++``; 2 to 3 s) into ``$FLEXBN_CACHE_DIR`` (default ``~/.cache/flexbn``) and loaded
 from there by every later process; :func:`build_info` says where and how long the build took. float16 and
 bfloat16 input is upcast to float32 first, as the reference does.
 """
