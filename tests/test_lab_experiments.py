@@ -211,6 +211,30 @@ def test_speed_conclusion_numbers(quick_lab):
     assert r.data["environment"]["threads"] >= 1
 
 
+@pytest.mark.parametrize(
+    ("flex", "words"),
+    [
+        pytest.param((0.4, 0.5), "faster than torch's native kernel on every shape", id="faster"),
+        pytest.param((1.2, 1.5), "slower than torch's native kernel on every shape", id="slower"),
+        pytest.param((0.4, 1.5), "faster than torch's native kernel on 1 of 2 shapes", id="mixed"),
+    ],
+)
+def test_speed_conclusion_against_native_follows_the_ratios(flex, words):
+    """The sentence about native comes from the measured ratios and names the backend that ran."""
+    cells = []
+    for shape, f in zip(("8x4", "16x4"), flex, strict=True):
+        for variant in speed.VARIANTS:
+            cells += [
+                speed.Cell(shape, variant, "native", 1.0, 1.0),
+                speed.Cell(shape, variant, "flexbn", f, f),
+                speed.Cell(shape, variant, "composition", 3.0, 3.0),
+            ]
+    env = {"threads": 1, "load": (0.1, 0.2), "device": "cpu", "backend": "cpp"}
+    text = speed.conclude(cells, env)
+    assert f"flexbn's cpp backend is {words}" in text
+    assert "faster than the composition on every shape" in text
+
+
 # ------------------------------------------------------- conclusions follow the numbers (negative)
 
 
