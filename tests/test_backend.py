@@ -325,3 +325,35 @@ def test_auto_falls_back_when_compiling_fails(monkeypatch: pytest.MonkeyPatch) -
         for f in functions:
             f.compiled.clear()
             f.compiled.update(saved[f])
+
+
+@needs_kernels
+def test_kernels_with_a_smaller_openmp_team() -> None:
+    """OMP_THREAD_LIMIT caps the team below torch's thread count: the row-split kernels (channels-last and
+    (N, C) input) follow the team that actually runs (they crashed reading the missing threads' tables)."""
+    code = (
+        "import torch, flexbn\n"
+        "torch.set_num_threads(2)\n"
+        "x = torch.randn(4096, 8, dtype=torch.float64, requires_grad=True)\n"
+        "flexbn.set_backend('cpp'); y = flexbn.batch_norm(x, None, None, training=True)\n"
+        "y.backward(torch.randn_like(y))\n"
+        "flexbn.set_backend('reference'); z = flexbn.batch_norm(x, None, None, training=True)\n"
+        "assert torch.allclose(y, z, atol=1e-12), (y - z).abs().max()\n"
+        "print('ok')"
+    )
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
+
+
+@needs_kernels
+def test_negated_views_are_read_as_their_values() -> None:
+    """A lazily negated tensor (neg bit) holds -x in memory as x: the kernels leave it to the reference."""
+    base = torch.randn(6, 3, 4, dtype=torch.float64)
+    neg = torch._neg_view(base)
+    assert neg.is_neg()
+    with flexbn.use_backend("cpp"):
+        y = flexbn.batch_norm(neg, None, None, training=True)
+        expected = flexbn.batch_norm(neg.resolve_neg(), None, None, training=True)
+    assert_close(y, expected)

@@ -545,3 +545,20 @@ def test_module_graph_saves_only_input_and_per_channel_tensors():
     with SavedTensors() as rec:
         bn(x)
     assert_saves_only_input_and_per_channel(rec.saved, x)
+
+
+@pytest.mark.parametrize(MODE_ARGS, MODES)
+def test_double_backward_through_the_bias_alone(detach_mean, detach_var):
+    """create_graph=True where only the bias requires grad (no argument of the backward does): the
+    backward is still differentiable and equals the composition's (the C++ kernels hand this case to the
+    reference, which builds the graph)."""
+    x = torch.randn(8, 3, 4, dtype=torch.float64)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(8, 3, 4, dtype=torch.float64)
+    flags = {"detach_mean": detach_mean, "detach_var": detach_var}
+    y = flexbn.batch_norm(x, None, None, None, b, training=True, **flags)
+    (gb,) = torch.autograd.grad((y * gy).sum(), b, create_graph=True)
+    yr = manual_batch_norm(x, None, b, **flags)
+    (gbr,) = torch.autograd.grad((yr * gy).sum(), b, create_graph=True)
+    assert_close(gb, gbr)
+    assert_close(gb, gy.sum((0, 2)))

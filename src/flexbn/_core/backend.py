@@ -216,7 +216,8 @@ def fused(fn: F) -> F:
         if choice == "reference":
             return fn(*args, **kwargs)
         if choice == "cpp":
-            return _kernels().IMPLEMENTATIONS[fn.__name__](*args, **kwargs)
+            out = _kernels().IMPLEMENTATIONS[fn.__name__](*args, **kwargs)
+            return fn(*args, **kwargs) if out is NotImplemented else out
         key = (_signature(args), tuple(sorted((k, _signature(v)) for k, v in kwargs.items())))
         with warnings.catch_warnings():
             # torch's own deprecation notices, raised while Inductor loads and compiles

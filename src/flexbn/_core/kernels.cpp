@@ -485,10 +485,13 @@ void moments_nlc(const T* x, const Geo& g, double* count, double* mean, double* 
     }
     return;
   }
+  // The team may be smaller than asked (OMP_THREAD_LIMIT, nesting): ranges and the merge follow the team.
   std::vector<std::vector<double>> seen(nt), mo(nt), qo(nt);
+  int team = 1;
 #pragma omp parallel num_threads(nt)
   {
     const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
+    if (t == 0) team = T_;
     const i64 r0 = R * t / T_, r1 = R * (t + 1) / T_;
     seen[t].assign(G, 0.0);
     mo[t].assign(G * C, 0.0);
@@ -498,7 +501,7 @@ void moments_nlc(const T* x, const Geo& g, double* count, double* mean, double* 
   }
   for (i64 s = 0; s < G; ++s) {
     double n = 0;
-    for (int t = 0; t < nt; ++t) {
+    for (int t = 0; t < team; ++t) {
       const double k = seen[t][s];
       if (k == 0) continue;
       for (i64 c = 0; c < C; ++c) {
@@ -879,14 +882,16 @@ void sums(const T* dy, const T* x, const T* shift, const Geo& g, double* sg, dou
     return;
   }
   std::vector<std::vector<double>> pa(nt), pb(nt);
+  int team = 1;  // as in moments_nlc: the team may be smaller than asked
 #pragma omp parallel num_threads(nt)
   {
     const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
+    if (t == 0) team = T_;
     pa[t].assign(G * C, 0.0);
     pb[t].assign(G * C, 0.0);
     sums_nlc_part(dy, x, shift, g, R * t / T_, R * (t + 1) / T_, 0, C, pa[t].data(), pb[t].data());
   }
-  for (int t = 0; t < nt; ++t)
+  for (int t = 0; t < team; ++t)
     for (i64 o = 0; o < G * C; ++o) {
       sg[o] += pa[t][o];
       sgx[o] += pb[t][o];

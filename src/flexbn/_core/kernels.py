@@ -245,12 +245,13 @@ def _call(name: str, dtype: torch.dtype, *args: Any) -> None:
 
 def supports(*tensors: Tensor) -> bool:
     """Whether the kernels take a call on these tensors (the input first): all on the CPU, strided, plain
-    tensors or parameters (not subclasses such as fake or functorch tensors), the input floating point."""
+    tensors or parameters (not subclasses such as fake or functorch tensors, nor negated views), the input
+    floating point and not empty."""
     for t in tensors:
         if t.device.type != "cpu" or t.layout != torch.strided:
             return False
-        if type(t) not in (Tensor, torch.nn.Parameter):
-            return False
+        if type(t) not in (Tensor, torch.nn.Parameter) or t.is_neg() or t.is_conj():
+            return False  # subclasses, and lazily negated views: their memory is not their value
     return bool(tensors) and tensors[0].is_floating_point() and tensors[0].numel() > 0
 
 
@@ -321,8 +322,8 @@ def backward_formula(
     from . import sync
     from .autograd import _memory_format
 
-    if var_mean is not None:  # only when the backward is differentiated, which the reference does
-        raise NotImplementedError("var_mean")
+    if var_mean is not None:  # the backward is being differentiated: the reference builds the graph
+        return NotImplemented
     need_input, need_weight, need_bias, need_z = needs
     cdt = stats.compute_dtype(x.dtype)
     geo = _Geo(x, seg)
