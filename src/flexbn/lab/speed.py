@@ -66,9 +66,18 @@ def measure(
         "threads": rows[0].threads,
         "load": (min(r.load for r in rows), max(r.load for r in rows)),
         "device": rows[0].device,
-        "backend": next((r.backend for r in rows if r.candidate == "flexbn"), ""),
+        "backend": _resolved(next((r.backend for r in rows if r.candidate == "flexbn"), "")),
     }
     return cells, env
+
+
+def _resolved(backend: str) -> str:
+    """``auto`` with what it ran on the CPU: ``auto (cpp)`` or ``auto (reference)``."""
+    if backend != "auto":
+        return backend
+    from flexbn._core.backend import cpp_available
+
+    return f"auto ({'cpp' if cpp_available() else 'reference'})"
 
 
 def _cell(cells: list[Cell], shape: str, variant: str, candidate: str) -> Cell:
