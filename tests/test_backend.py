@@ -357,3 +357,25 @@ def test_negated_views_are_read_as_their_values() -> None:
         y = flexbn.batch_norm(neg, None, None, training=True)
         expected = flexbn.batch_norm(neg.resolve_neg(), None, None, training=True)
     assert_close(y, expected)
+
+
+@needs_kernels
+def test_unwritable_cache_falls_back(tmp_path) -> None:
+    """Where the kernels cannot be built (here: the cache directory is a file), auto runs the reference
+    and says why at debug level; asking for cpp raises with the reason."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    env = {**os.environ, "FLEXBN_CACHE_DIR": str(blocker / "cache"), "FLEXBN_BACKEND": "auto"}
+    code = (
+        "import torch, flexbn\n"
+        "y = flexbn.batch_norm(torch.randn(6, 3), None, None, training=True)\n"
+        "try:\n"
+        "    flexbn.set_backend('cpp')\n"
+        "except RuntimeError as e:\n"
+        "    print('raised:', e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "raised: flexbn backend 'cpp' is unavailable here: building flexbn's kernels failed" in (
+        done.stdout
+    )

@@ -97,37 +97,43 @@ def build_info() -> dict[str, Any]:
     return dict(_build)
 
 
+def _compile(compiler: str, path: Path) -> None:
+    """Build the library into ``path``: under a temporary name, then renamed, so that concurrent
+    processes never load a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *_FLAGS, str(_SOURCE), "-o", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if done.returncode != 0:
+            raise Unavailable(f"building flexbn's kernels failed ({' '.join(cmd)}):\n{done.stderr}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 @functools.cache
 def library() -> ctypes.CDLL:
     """The kernel library, built on first use (cached on disk); raises :class:`Unavailable`."""
     compiler = _compiler()
     if compiler is None:
         raise Unavailable("no C++ compiler found (set $CXX, or install g++ or clang++)")
-    source = _SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join(
-            [source, " ".join(_FLAGS).encode(), _version(compiler).encode(), _cpu_id().encode()]
-        )
-    ).hexdigest()[:16]
-    path = cache_dir() / f"kernels-{key}.so"
     start = time.perf_counter()
-    cached = path.exists()
-    if not cached:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Build under a temporary name, then rename: concurrent processes never load a partial file.
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=path.parent)
-        os.close(fd)
-        try:
-            cmd = [compiler, *_FLAGS, str(_SOURCE), "-o", tmp]
-            done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-            if done.returncode != 0:
-                raise Unavailable(
-                    f"building flexbn's kernels failed ({' '.join(cmd)}):\n{done.stderr}"
-                )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    try:
+        source = _SOURCE.read_bytes()
+        parts = [source, " ".join(_FLAGS).encode(), _version(compiler).encode(), _cpu_id().encode()]
+        key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+        path = cache_dir() / f"kernels-{key}.so"
+        cached = path.exists()
+        if not cached:
+            _compile(compiler, path)
+    except (
+        OSError,
+        subprocess.SubprocessError,
+    ) as err:  # an unwritable cache, a hung compiler, ...
+        raise Unavailable(f"building flexbn's kernels failed: {err}") from err
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as err:
