@@ -227,6 +227,7 @@ class _Geo:
         return t.to(dtype).expand(self.g, self.c).contiguous()
 
 
+_PLAIN = (Tensor, torch.nn.Parameter)
 _WIDE = 1024  # values per row the elementwise kernels are given at least, where rows can be merged
 
 
@@ -253,12 +254,14 @@ def supports(*tensors: Tensor) -> bool:
     """Whether the kernels take a call on these tensors (the input first): all on the CPU, strided, plain
     tensors or parameters (not subclasses such as fake or functorch tensors, nor negated views), the input
     floating point and not empty."""
+    if not tensors or not tensors[0].is_floating_point() or tensors[0].numel() == 0:
+        return False
     for t in tensors:
-        if t.device.type != "cpu" or t.layout != torch.strided:
+        if not t.is_cpu or type(t) not in _PLAIN or t.layout is not torch.strided:
             return False
-        if type(t) not in (Tensor, torch.nn.Parameter) or t.is_neg() or t.is_conj():
-            return False  # subclasses, and lazily negated views: their memory is not their value
-    return bool(tensors) and tensors[0].is_floating_point() and tensors[0].numel() > 0
+        if t.is_neg() or t.is_conj():  # lazily negated views: their memory is not their value
+            return False
+    return True
 
 
 # -------------------------------------------------------------------------------------------------------
