@@ -379,3 +379,14 @@ def test_unwritable_cache_falls_back(tmp_path) -> None:
     assert "raised: flexbn backend 'cpp' is unavailable here: building flexbn's kernels failed" in (
         done.stdout
     )
+
+
+def test_auto_leaves_other_devices_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """auto never picks the (unmeasured) compiled path for non-CPU tensors, even where it could run;
+    explicit compiled does."""
+    monkeypatch.setattr(backend, "available", lambda device: True)
+    args = (torch.empty(4, 3, device="meta"), stats.WHOLE)
+    with flexbn.use_backend("auto"):
+        assert backend._choose(args) == "reference"
+    with flexbn.use_backend("compiled"):
+        assert backend._choose(args) == "compiled"

@@ -10,10 +10,11 @@
 * ``compiled``: the reference functions compiled by ``torch.compile`` (Inductor: C++/OpenMP loops on CPU,
   Triton on CUDA). Each configuration (dtype, rank, memory layout, options, statistics set) compiles
   separately, seconds at its first call (Inductor caches the generated code on disk).
-* ``auto`` (the default): ``cpp`` for CPU tensors, ``compiled`` for CUDA tensors where Triton is installed,
-  else ``reference`` (said once at debug level on the ``flexbn`` logger). A configuration whose compilation
-  fails runs the reference from then on (a warning on the ``flexbn`` logger), so ``auto`` costs speed at
-  worst, never a result.
+* ``auto`` (the default): ``cpp`` for CPU tensors where the kernels can be built, else ``reference`` (said
+  once at debug level on the ``flexbn`` logger). CUDA tensors run the reference too: ``compiled`` (Triton)
+  has never been measured on a GPU here, so it is not chosen for anyone until it is; ask for it explicitly.
+  Should ``auto`` ever run ``compiled``, a configuration whose compilation fails runs the reference from
+  then on (a warning on the ``flexbn`` logger): speed at worst, never a result.
 
 ``flexbn.set_backend(name)`` or the environment variable ``FLEXBN_BACKEND`` choose; explicitly asking for a
 backend that cannot run here raises. Whatever the choice, the reference runs where a fast path cannot help
@@ -181,16 +182,17 @@ def _choose(args: tuple[Any, ...]) -> str:
                 f"flexbn backend 'compiled' cannot run on {device}: {_why_not(device)}"
             )
         return "compiled"
-    if not available(device):
-        _log_once(device)
-        return "reference"
-    return "compiled"
+    _log_once(device)  # auto off the CPU: the reference (see the module notes)
+    return "reference"
 
 
 @functools.cache
 def _log_once(device: str) -> None:
-    why = _kernels().why_not() if device == "cpu" else _why_not(device)
-    _log.debug("flexbn: reference backend on %s (%s)", device, why or "unsupported tensors")
+    if device == "cpu":
+        why = _kernels().why_not() or "unsupported tensors"
+    else:
+        why = "no fast path measured on this device; flexbn.set_backend('compiled') to try Inductor"
+    _log.debug("flexbn: reference backend on %s (%s)", device, why)
 
 
 def _signature(value: Any) -> Any:
