@@ -213,55 +213,60 @@ void moments_ncl(const T* x, const Geo& g, double* count, double* mean, double* 
   }
 }
 
-// NLC rows in order, with their sample n = r / L kept up to date without a division per row.
-struct RowWalk {
-  i64 n, l, L;
-  RowWalk(i64 r, i64 L_) : n(r / L_), l(r % L_), L(L_) {}
-  void next() {
-    if (++l == L) {
-      l = 0;
-      ++n;
-    }
-  }
-};
+// ---------------------------------------------------------------------------------------------------
+// NLC reductions (channels_last and (N, C) input): rows r = n * L + l of C contiguous values.
+//
+// One walker serves the statistics and the backward sums. It takes rows [r0, r1) in memory order, in
+// groups of consecutive rows of one segment (up to GROUP, or WIDE_GROUP for wide rows; masked-out rows
+// stay in a group and are cleared there), and hands each group to an accumulation policy, which adds it
+// to that segment's partial sums in the input's precision. A segment's partial sums are flushed into its
+// double-precision results after BLOCK_ROWS rows. Partial sums are kept for every segment at once while
+// they fit in SCATTER_BYTES; beyond (many segments), one segment's at a time, flushed when the segment
+// changes.
 
-// Up to `room` kept rows of one segment, in memory order, starting at row r (kept): their
-// pointers at channel c0; the walk ends after the last row taken or skipped. Returns how many.
-template <class T>
-inline int take_rows(const T* base, const Geo& g, i64& r, i64 r1, RowWalk& walk, i64 s, i64 c0,
-                     int room, const T** rows) {
-  if (!g.mask && !g.ids) {  // every row, one segment: the next ones (the walk is not needed)
-    const int k = static_cast<int>(std::min<i64>(room, r1 - r));
-    for (int i = 0; i < k; ++i) rows[i] = base + (r + i) * g.C + c0;
-    r += k;
-    return k;
-  }
-  int k = 0;
-  while (r < r1 && k < room) {
-    if (g.mask && !g.mask[r]) {
-      ++r;
-      walk.next();
-      continue;
-    }
-    if (seg_of(g, walk.n) != s) break;
-    rows[k++] = base + r * g.C + c0;
-    ++r;
-    walk.next();
-  }
-  return k;
-}
-
-// Per-segment partial tables (in the input's precision) of a window of rows, in bytes at most; with more
-// segments than fit, a window holds one run of a single segment instead.
 constexpr i64 SCATTER_BYTES = i64(1) << 20;
 constexpr int GROUP = 16;  // rows of one segment added per visit of its partial sums
 // Rows of 2 KiB or more: 16 of them (twice, for the backward's two inputs) at once map to the same L1
 // sets and evict each other; 4 at a time, the per-row overhead is already small against the row.
 constexpr int WIDE_GROUP = 4;
 
-template <class T>
-inline int narrow_group(i64 w) {
-  return w * static_cast<i64>(sizeof(T)) >= 2048 ? WIDE_GROUP : GROUP;
+// The first row after sample n's start whose segment differs from s (sample n's), at most `limit`.
+inline i64 segment_end(const Geo& g, i64 n, i64 s, i64 limit) {
+  if (!g.ids) return limit;
+  i64 e = std::min(limit, (n + 1) * g.L);
+  while (e < limit && g.ids[e / g.L] == s) e = std::min(limit, (e / g.L + 1) * g.L);
+  return e;
+}
+
+template <class Policy>
+void walk_rows(const Geo& g, i64 r0, i64 r1, i64 w, i64 bytes_per_value, Policy& acc) {
+  const i64 G = g.G;
+  const bool scatter = !g.ids || 2 * G * w * bytes_per_value <= SCATTER_BYTES;
+  const i64 slots = scatter ? G : 1;
+  acc.reserve(slots);
+  std::vector<i64> rows_in(slots, 0), owner(slots, -1), touched;
+  const int group = bytes_per_value * w >= 2048 ? WIDE_GROUP : GROUP;
+  for (i64 r = r0; r < r1;) {
+    const i64 n = g.ids ? r / g.L : 0, s = seg_of(g, n), sl = scatter ? s : 0;
+    if (owner[sl] != s) {
+      if (owner[sl] >= 0 && rows_in[sl] > 0) acc.flush(sl, owner[sl]);
+      if (owner[sl] < 0) touched.push_back(sl);
+      rows_in[sl] = 0;
+      owner[sl] = s;
+      acc.begin(sl, s);
+    }
+    const i64 room = std::min<i64>(group, BLOCK_ROWS - rows_in[sl]);
+    const i64 k = segment_end(g, n, s, std::min(r1, r + room)) - r;
+    acc.add(sl, s, r, static_cast<int>(k), g.mask ? g.mask + r : nullptr);
+    rows_in[sl] += k;
+    r += k;
+    if (rows_in[sl] >= BLOCK_ROWS) {
+      acc.flush(sl, s);
+      rows_in[sl] = 0;
+    }
+  }
+  for (const i64 sl : touched)
+    if (rows_in[sl] > 0) acc.flush(sl, owner[sl]);
 }
 
 // R consecutive rows (stride C) added to the partial sums of deviations from K.
@@ -273,6 +278,25 @@ inline void shifted_group(const T* v, i64 C, i64 w, const T* K, T* a1, T* a2) {
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
       const T d = v[i * C + c] - K[c];
+      s1 += d;
+      s2 += d * d;
+    }
+    a1[c] += s1;
+    a2[c] += s2;
+  }
+}
+
+// The same with masked-out rows (keep bytes 0) cleared.
+template <int R, class T>
+inline void shifted_group_masked(const T* v, i64 C, i64 w, const T* K, const u8* keep, T* a1, T* a2) {
+  u8 kp[R];
+  for (int i = 0; i < R; ++i) kp[i] = keep[i];
+#pragma omp simd
+  for (i64 c = 0; c < w; ++c) {
+    T s1 = 0, s2 = 0;
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const T d = keep_if(v[i * C + c] - K[c], kp[i]);
       s1 += d;
       s2 += d * d;
     }
@@ -298,29 +322,123 @@ inline void grad_group(const T* gv, const T* xv, i64 C, i64 w, const T* sh, T* p
   }
 }
 
-// NLC: rows r = n * L + l of C contiguous values. Rows [r0, r1) and channels [c0, c1) are reduced into
-// seen[G] (this thread's counts), mean/m2 and shift (row stride C). Rows are taken in memory order; each
-// adds its deviations from its segment's shift to that segment's partial sums, which join the double
-// statistics every BLOCK_ROWS rows (a window).
+// The same with masked-out rows (keep bytes 0) cleared.
+template <int R, class T>
+inline void grad_group_masked(const T* gv, const T* xv, i64 C, i64 w, const T* sh, const u8* keep,
+                              T* p, T* q) {
+  u8 kp[R];
+  for (int i = 0; i < R; ++i) kp[i] = keep[i];
+#pragma omp simd
+  for (i64 c = 0; c < w; ++c) {
+    T sp = 0, sq = 0;
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const T gg = gv[i * C + c];
+      sp += keep_if(gg, kp[i]);
+      sq += keep_if(gg * (xv[i * C + c] - sh[c]), kp[i]);
+    }
+    p[c] += sp;
+    q[c] += sq;
+  }
+}
+
+// The statistics: per slot, sums of deviations from the segment's shift K (shift + s * C + c0), merged
+// with Chan's formulas into seen[s] (this thread's counts), mean and m2 (row stride C).
+template <class T>
+struct MomentsPolicy {
+  const T* x;
+  const Geo& g;
+  i64 c0, w;
+  double *seen, *mean, *m2;
+  T* shift;
+  bool run_mode = false;  // one slot for one segment at a time (many segments)
+  std::vector<T> a1, a2;
+  std::vector<double> kept;
+  std::vector<char> fresh;  // run mode: the segment's first shift still to be taken
+
+  MomentsPolicy(const T* x_, const Geo& g_, i64 c0_, i64 w_, double* seen_, double* mean_, double* m2_,
+                T* shift_)
+      : x(x_), g(g_), c0(c0_), w(w_), seen(seen_), mean(mean_), m2(m2_), shift(shift_) {}
+
+  void reserve(i64 slots) {
+    a1.assign(slots * w, T(0));
+    a2.assign(slots * w, T(0));
+    kept.assign(slots, 0.0);
+    fresh.assign(slots, 0);
+    run_mode = g.ids && slots == 1 && g.G > 1;
+  }
+  void begin(i64 sl, i64 s) { fresh[sl] = run_mode && seen[s] == 0; }
+  void add(i64 sl, i64 s, i64 r, int k, const u8* m) {
+    const i64 C = g.C;
+    const T* v = x + r * C + c0;
+    T* K = shift + s * C + c0;
+    double k_kept = k;
+    if (m) {
+      k_kept = 0;
+      for (int i = 0; i < k; ++i) k_kept += m[i];
+    }
+    if (k_kept == 0) return;
+    if (fresh[sl]) {  // a run's first shift: its first kept row
+      int i = 0;
+      while (m && !m[i]) ++i;
+      std::copy(v + i * C, v + i * C + w, K);
+      fresh[sl] = 0;
+    }
+    T *p1 = a1.data() + sl * w, *p2 = a2.data() + sl * w;
+    if (k == GROUP && !m) {
+      shifted_group<GROUP>(v, C, w, K, p1, p2);
+    } else if (k == WIDE_GROUP && !m) {
+      shifted_group<WIDE_GROUP>(v, C, w, K, p1, p2);
+    } else if (k == GROUP) {
+      shifted_group_masked<GROUP>(v, C, w, K, m, p1, p2);
+    } else {
+      for (int i = 0; i < k; ++i) {
+        if (m && !m[i]) continue;
+        const T* vi = v + i * C;
+#pragma omp simd
+        for (i64 c = 0; c < w; ++c) {
+          const T d = vi[c] - K[c];
+          p1[c] += d;
+          p2[c] += d * d;
+        }
+      }
+    }
+    kept[sl] += k_kept;
+  }
+  void flush(i64 sl, i64 s) {
+    if (kept[sl] == 0) return;
+    const i64 C = g.C;
+    const double k = kept[sl], inv_k = 1.0 / k, f = k / (seen[s] + k), n = seen[s];
+    T *p1 = a1.data() + sl * w, *p2 = a2.data() + sl * w, *K = shift + s * C + c0;
+    double* mo = mean + s * C + c0;
+    double* qo = m2 + s * C + c0;
+#pragma omp simd
+    for (i64 c = 0; c < w; ++c) {
+      merge_run(n, mo[c], qo[c], inv_k, f, static_cast<double>(K[c]), p1[c], p2[c]);
+      K[c] = static_cast<T>(mo[c]);
+      p1[c] = p2[c] = T(0);
+    }
+    seen[s] += k;
+    kept[sl] = 0;
+  }
+};
+
+// Rows [r0, r1) and channels [c0, c1) of the statistics (see MomentsPolicy). Segments whose partial sums
+// fit together start from the mean of their first (up to) four kept rows; in run mode, from their first
+// kept row.
 template <class T>
 void moments_nlc_part(const T* x, const Geo& g, i64 r0, i64 r1, i64 c0, i64 c1, double* seen,
                       double* mean, double* m2, T* shift) {
-  const i64 C = g.C, L = g.L, w = c1 - c0, G = g.G;
-  const bool scatter = !g.ids || 2 * G * w * static_cast<i64>(sizeof(T)) <= SCATTER_BYTES;
-  const i64 slots = scatter ? G : 1;
-  std::vector<T> p1(slots * w, T(0)), p2(slots * w, T(0));
-  std::vector<double> kept(slots, 0.0);
-  std::vector<i64> touched, owner(slots, -1);
-  touched.reserve(BLOCK_ROWS);
-  if (scatter) {  // first shifts: the mean of each segment's first (up to) four kept rows
+  const i64 C = g.C, w = c1 - c0, G = g.G;
+  if (!g.ids || 2 * G * w * static_cast<i64>(sizeof(T)) <= SCATTER_BYTES) {
     std::vector<double> sum(G * w, 0.0);
     std::vector<int> probes(G, 0);
     i64 pending = 0;
     for (i64 s = 0; s < G; ++s) pending += seen[s] == 0;
-    RowWalk walk(r0, L);
-    for (i64 r = r0; r < r1 && pending > 0; ++r, walk.next()) {
+    i64 n = r0 / g.L, l = r0 % g.L;  // the sample of row r, without a division per row
+    for (i64 r = r0; r < r1 && pending > 0; ++r, l = (l + 1 == g.L) ? (++n, 0) : l + 1) {
       if (g.mask && !g.mask[r]) continue;
-      const i64 s = seg_of(g, walk.n);
+      const i64 s = seg_of(g, n);
       if (seen[s] != 0 || probes[s] == 4) continue;
       const T* v = x + r * C + c0;
       for (i64 c = 0; c < w; ++c) sum[s * w + c] += static_cast<double>(v[c]);
@@ -330,137 +448,8 @@ void moments_nlc_part(const T* x, const Geo& g, i64 r0, i64 r1, i64 c0, i64 c1, 
       if (probes[s] > 0)
         for (i64 c = 0; c < w; ++c) shift[s * C + c0 + c] = static_cast<T>(sum[s * w + c] / probes[s]);
   }
-  auto flush_slot = [&](i64 sl) {
-    if (kept[sl] == 0) return;
-    const i64 s = owner[sl];
-    const double k = kept[sl], inv_k = 1.0 / k, f = k / (seen[s] + k), n = seen[s];
-    T *a1 = p1.data() + sl * w, *a2 = p2.data() + sl * w, *K = shift + s * C + c0;
-    double* mo = mean + s * C + c0;
-    double* qo = m2 + s * C + c0;
-#pragma omp simd
-    for (i64 c = 0; c < w; ++c) {
-      merge_run(n, mo[c], qo[c], inv_k, f, static_cast<double>(K[c]), a1[c], a2[c]);
-      K[c] = static_cast<T>(mo[c]);
-      a1[c] = a2[c] = T(0);
-    }
-    seen[s] += k;
-    kept[sl] = 0;
-  };
-  auto flush = [&]() {
-    for (const i64 sl : touched) flush_slot(sl);
-    touched.clear();
-  };
-  if (!g.ids) {  // one segment: groups of consecutive rows, masked-out ones cleared in the sums
-    T *a1 = p1.data(), *a2 = p2.data(), *K = shift + c0;
-    i64 in_window = 0;
-    const int group = narrow_group<T>(w);
-    for (i64 r = r0; r < r1;) {
-      const int k = static_cast<int>(std::min<i64>({group, r1 - r, BLOCK_ROWS - in_window}));
-      const u8* m = g.mask ? g.mask + r : nullptr;
-      double k_kept = k;
-      if (m) {
-        k_kept = 0;
-        for (int i = 0; i < k; ++i) k_kept += m[i];
-      }
-      const T* v = x + r * C + c0;
-      if (k_kept == 0) {
-      } else if (k == WIDE_GROUP && !m) {
-        shifted_group<WIDE_GROUP>(v, C, w, K, a1, a2);
-      } else if (k == GROUP) {
-        u8 keep[GROUP];
-        for (int i = 0; i < GROUP; ++i) keep[i] = m ? m[i] : 1;
-#pragma omp simd
-        for (i64 c = 0; c < w; ++c) {
-          T s1 = 0, s2 = 0;
-#pragma GCC unroll 16
-          for (int i = 0; i < GROUP; ++i) {
-            const T d = keep_if(v[i * C + c] - K[c], keep[i]);
-            s1 += d;
-            s2 += d * d;
-          }
-          a1[c] += s1;
-          a2[c] += s2;
-        }
-      } else {
-        for (int i = 0; i < k; ++i) {
-          if (m && !m[i]) continue;
-#pragma omp simd
-          for (i64 c = 0; c < w; ++c) {
-            const T d = v[i * C + c] - K[c];
-            a1[c] += d;
-            a2[c] += d * d;
-          }
-        }
-      }
-      if (k_kept > 0 && kept[0] == 0) {
-        touched.push_back(0);
-        owner[0] = 0;
-      }
-      kept[0] += k_kept;
-      in_window += k;
-      r += k;
-      if (in_window >= BLOCK_ROWS) {
-        flush();
-        in_window = 0;
-      }
-    }
-    flush();
-    return;
-  }
-  RowWalk walk(r0, L);
-  std::vector<char> listed(slots, 0);
-  const T* rows[GROUP];
-  for (i64 r = r0; r < r1;) {
-    if (g.mask && !g.mask[r]) {
-      ++r;
-      walk.next();
-      continue;
-    }
-    const i64 s = seg_of(g, walk.n), sl = scatter ? s : 0;
-    if (!scatter && owner[0] != s) flush_slot(0);  // a run ends
-    if (owner[sl] != s || !listed[sl]) {
-      if (!listed[sl]) touched.push_back(sl);
-      listed[sl] = 1;
-      owner[sl] = s;
-      if (!scatter && seen[s] == 0) {  // a run's first shift: its first row
-        const T* v = x + r * C + c0;
-        std::copy(v, v + w, shift + s * C + c0);
-      }
-    }
-    // A segment's partial sums take BLOCK_ROWS rows before they join its statistics.
-    const int room = static_cast<int>(std::min<i64>(GROUP, BLOCK_ROWS - static_cast<i64>(kept[sl])));
-    const int k = take_rows(x, g, r, r1, walk, s, c0, room, rows);
-    const T* K = shift + s * C + c0;
-    T *a1 = p1.data() + sl * w, *a2 = p2.data() + sl * w;
-    if (k == GROUP && rows[k - 1] == rows[0] + (k - 1) * C) {  // GROUP consecutive rows at once
-      const T* v = rows[0];
-#pragma omp simd
-      for (i64 c = 0; c < w; ++c) {
-        T s1 = 0, s2 = 0;
-#pragma GCC unroll 16
-        for (int i = 0; i < GROUP; ++i) {
-          const T d = v[i * C + c] - K[c];
-          s1 += d;
-          s2 += d * d;
-        }
-        a1[c] += s1;
-        a2[c] += s2;
-      }
-    } else {
-      for (int i = 0; i < k; ++i) {
-        const T* v = rows[i];
-#pragma omp simd
-        for (i64 c = 0; c < w; ++c) {
-          const T d = v[c] - K[c];
-          a1[c] += d;
-          a2[c] += d * d;
-        }
-      }
-    }
-    kept[sl] += k;
-    if (kept[sl] >= BLOCK_ROWS) flush_slot(sl);
-  }
-  flush();
+  MomentsPolicy<T> acc(x, g, c0, w, seen, mean, m2, shift);
+  walk_rows(g, r0, r1, w, static_cast<i64>(sizeof(T)), acc);
 }
 
 // Per-thread tables of this many values at most; beyond, threads split channels instead of rows.
@@ -713,140 +702,67 @@ inline void grad_sums(const T* gv, const T* xv, const u8* m, i64 len, T sh, doub
   }
 }
 
-// NLC backward sums, rows in memory order into per-segment partial sums (as moments_nlc_part).
+// The backward sums: per slot, sums of dy and dy * (x - shift) added to sg and sgx (row stride C).
 template <class T>
-void sums_nlc_part(const T* dy, const T* x, const T* shift, const Geo& g, i64 r0, i64 r1, i64 c0,
-                   i64 c1, double* sg, double* sgx) {
-  const i64 C = g.C, L = g.L, w = c1 - c0, G = g.G;
-  const bool scatter = 2 * G * w * static_cast<i64>(sizeof(T)) <= SCATTER_BYTES;
-  const i64 slots = scatter ? G : 1;
-  std::vector<T> pp(slots * w, T(0)), pq(slots * w, T(0));
-  std::vector<char> used(slots, 0);
-  std::vector<i64> touched, owner(slots, -1);
-  touched.reserve(BLOCK_ROWS);
-  std::vector<i64> rows_in(slots, 0);  // rows in each slot's partial sums
-  auto flush_slot = [&](i64 sl) {
-    if (rows_in[sl] == 0) return;
-    const i64 o = owner[sl] * C + c0;
+struct SumsPolicy {
+  const T *dy, *x, *shift;
+  const Geo& g;
+  i64 c0, w;
+  double *sg, *sgx;
+  std::vector<T> pp, pq;
+  std::vector<char> used;
+
+  SumsPolicy(const T* dy_, const T* x_, const T* shift_, const Geo& g_, i64 c0_, i64 w_, double* sg_,
+             double* sgx_)
+      : dy(dy_), x(x_), shift(shift_), g(g_), c0(c0_), w(w_), sg(sg_), sgx(sgx_) {}
+
+  void reserve(i64 slots) {
+    pp.assign(slots * w, T(0));
+    pq.assign(slots * w, T(0));
+    used.assign(slots, 0);
+  }
+  void begin(i64, i64) {}
+  void add(i64 sl, i64 s, i64 r, int k, const u8* m) {
+    const i64 C = g.C;
+    const T *gv = dy + r * C + c0, *xv = x + r * C + c0, *sh = shift + s * C + c0;
+    T *p = pp.data() + sl * w, *q = pq.data() + sl * w;
+    if (k == GROUP && !m) {
+      grad_group<GROUP>(gv, xv, C, w, sh, p, q);
+    } else if (k == WIDE_GROUP && !m) {
+      grad_group<WIDE_GROUP>(gv, xv, C, w, sh, p, q);
+    } else if (k == GROUP) {
+      grad_group_masked<GROUP>(gv, xv, C, w, sh, m, p, q);
+    } else {
+      for (int i = 0; i < k; ++i) {
+        if (m && !m[i]) continue;
+        const T *gi = gv + i * C, *xi = xv + i * C;
+#pragma omp simd
+        for (i64 c = 0; c < w; ++c) {
+          p[c] += gi[c];
+          q[c] += gi[c] * (xi[c] - sh[c]);
+        }
+      }
+    }
+    used[sl] = 1;
+  }
+  void flush(i64 sl, i64 s) {
+    if (!used[sl]) return;
+    const i64 o = s * g.C + c0;
     T *p = pp.data() + sl * w, *q = pq.data() + sl * w;
     for (i64 c = 0; c < w; ++c) {
       sg[o + c] += p[c];
       sgx[o + c] += q[c];
       p[c] = q[c] = T(0);
     }
-    rows_in[sl] = 0;
-  };
-  auto flush = [&]() {
-    for (const i64 sl : touched) flush_slot(sl);
-    for (const i64 sl : touched) used[sl] = 0;
-    touched.clear();
-  };
-  if (!g.ids) {  // one segment: groups of consecutive rows, masked-out ones cleared in the sums
-    T *p = pp.data(), *q = pq.data();
-    const T* sh = shift + c0;
-    i64 in_window = 0;
-    const int group = narrow_group<T>(w);
-    for (i64 r = r0; r < r1;) {
-      const int k = static_cast<int>(std::min<i64>({group, r1 - r, BLOCK_ROWS - in_window}));
-      const u8* m = g.mask ? g.mask + r : nullptr;
-      const T *gv = dy + r * C + c0, *xv = x + r * C + c0;
-      if (k == GROUP && !m) {
-        grad_group<GROUP>(gv, xv, C, w, sh, p, q);
-      } else if (k == WIDE_GROUP && !m) {
-        grad_group<WIDE_GROUP>(gv, xv, C, w, sh, p, q);
-      } else if (k == GROUP) {
-        u8 keep[GROUP];
-        for (int i = 0; i < GROUP; ++i) keep[i] = m[i];
-#pragma omp simd
-        for (i64 c = 0; c < w; ++c) {
-          T sp = 0, sq = 0;
-#pragma GCC unroll 16
-          for (int i = 0; i < GROUP; ++i) {
-            const T gg = gv[i * C + c];
-            sp += keep_if(gg, keep[i]);
-            sq += keep_if(gg * (xv[i * C + c] - sh[c]), keep[i]);
-          }
-          p[c] += sp;
-          q[c] += sq;
-        }
-      } else {
-        for (int i = 0; i < k; ++i) {
-          if (m && !m[i]) continue;
-#pragma omp simd
-          for (i64 c = 0; c < w; ++c) {
-            p[c] += gv[i * C + c];
-            q[c] += gv[i * C + c] * (xv[i * C + c] - sh[c]);
-          }
-        }
-      }
-      if (!used[0]) {
-        used[0] = 1;
-        touched.push_back(0);
-        owner[0] = 0;
-      }
-      rows_in[0] += k;
-      in_window += k;
-      r += k;
-      if (in_window >= BLOCK_ROWS) {
-        flush();
-        in_window = 0;
-      }
-    }
-    flush();
-    return;
+    used[sl] = 0;
   }
-  RowWalk walk(r0, L), gwalk(r0, L);
-  const T *xr[GROUP], *gr[GROUP];
-  for (i64 r = r0; r < r1;) {
-    if (g.mask && !g.mask[r]) {
-      ++r;
-      walk.next();
-      continue;
-    }
-    const i64 s = seg_of(g, walk.n), sl = scatter ? s : 0;
-    if (!scatter && owner[0] != s) flush_slot(0);  // a run ends
-    if (!used[sl]) {
-      used[sl] = 1;
-      touched.push_back(sl);
-    }
-    owner[sl] = s;
-    const int room = static_cast<int>(std::min<i64>(GROUP, BLOCK_ROWS - rows_in[sl]));
-    i64 rg = r;
-    gwalk = walk;
-    take_rows(dy, g, rg, r1, gwalk, s, c0, room, gr);
-    const int k = take_rows(x, g, r, r1, walk, s, c0, room, xr);
-    const T* sh = shift + s * C + c0;
-    T *p = pp.data() + sl * w, *q = pq.data() + sl * w;
-    if (k == GROUP && xr[k - 1] == xr[0] + (k - 1) * C) {  // GROUP consecutive rows at once
-      const T *gv = gr[0], *xv = xr[0];
-#pragma omp simd
-      for (i64 c = 0; c < w; ++c) {
-        T sp0 = 0, sq0 = 0, sp1 = 0, sq1 = 0;  // two chains: latency, not throughput, bounds one
-#pragma GCC unroll 8
-        for (int i = 0; i < GROUP; i += 2) {
-          const T g0 = gv[i * C + c], g1 = gv[(i + 1) * C + c];
-          sp0 += g0;
-          sp1 += g1;
-          sq0 += g0 * (xv[i * C + c] - sh[c]);
-          sq1 += g1 * (xv[(i + 1) * C + c] - sh[c]);
-        }
-        p[c] += sp0 + sp1;
-        q[c] += sq0 + sq1;
-      }
-    } else {
-      for (int i = 0; i < k; ++i) {
-        const T *gv = gr[i], *xv = xr[i];
-#pragma omp simd
-        for (i64 c = 0; c < w; ++c) {
-          p[c] += gv[c];
-          q[c] += gv[c] * (xv[c] - sh[c]);
-        }
-      }
-    }
-    rows_in[sl] += k;
-    if (rows_in[sl] >= BLOCK_ROWS) flush_slot(sl);
-  }
-  flush();
+};
+
+template <class T>
+void sums_nlc_part(const T* dy, const T* x, const T* shift, const Geo& g, i64 r0, i64 r1, i64 c0,
+                   i64 c1, double* sg, double* sgx) {
+  SumsPolicy<T> acc(dy, x, shift, g, c0, c1 - c0, sg, sgx);
+  walk_rows(g, r0, r1, c1 - c0, static_cast<i64>(sizeof(T)), acc);
 }
 
 template <class T>
