@@ -12,9 +12,8 @@
   separately, seconds at its first call (Inductor caches the generated code on disk).
 * ``auto`` (the default): ``cpp`` for CPU tensors where the kernels can be built, else ``reference`` (said
   once at debug level on the ``flexbn`` logger). CUDA tensors run the reference too: ``compiled`` (Triton)
-  has never been measured on a GPU here, so it is not chosen for anyone until it is; ask for it explicitly.
-  Should ``auto`` ever run ``compiled``, a configuration whose compilation fails runs the reference from
-  then on (a warning on the ``flexbn`` logger): speed at worst, never a result.
+  has never been measured on a GPU here, so it is not chosen for anyone until it is; ask for it explicitly
+  (its compilation errors then reach the caller).
 
 ``flexbn.set_backend(name)`` or the environment variable ``FLEXBN_BACKEND`` choose; explicitly asking for a
 backend that cannot run here raises. Whatever the choice, the reference runs where a fast path cannot help
@@ -236,20 +235,7 @@ def fused(fn: F) -> F:
                 )
                 clone.__kwdefaults__ = fn.__kwdefaults__
                 compiled = copies[key] = torch.compile(clone)
-            if compiled is fn:  # compiling this configuration failed before: the reference
-                return fn(*args, **kwargs)
-            try:
-                return compiled(*args, **kwargs)
-            except Exception as err:
-                if get_backend() == "compiled":
-                    raise
-                # auto: a compiler that cannot build this configuration (a broken toolchain, an
-                # unsupported operation) costs speed, never the result.
-                _log.warning(
-                    "flexbn: compiling %s failed (%s); using the reference", fn.__name__, err
-                )
-                copies[key] = fn
-                return fn(*args, **kwargs)
+            return compiled(*args, **kwargs)  # only on request: a compiler error reaches the caller
 
     run.reference = fn  # type: ignore[attr-defined]
     run.compiled = copies  # type: ignore[attr-defined]  # configuration -> compiled copy (introspection)
