@@ -113,18 +113,29 @@ BACKEND_PARAMS = [
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if metafunc.definition.get_closest_marker("one_backend") is None:
         metafunc.fixturenames.append("flexbn_backend")
-        metafunc.parametrize("flexbn_backend", BACKEND_PARAMS, indirect=True, scope="session")
+        metafunc.parametrize("flexbn_backend", BACKEND_PARAMS, indirect=True)
 
 
-@pytest.fixture(scope="session")
-def flexbn_backend(request: pytest.FixtureRequest) -> Iterator[str]:
-    """The backend a test runs on, also for the processes it starts (``$FLEXBN_BACKEND``)."""
-    name = request.param
+@pytest.fixture
+def flexbn_backend(request: pytest.FixtureRequest) -> str:
+    """The backend a test runs on (set around the test by ``_run_on_backend``)."""
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _run_on_backend(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Run a test parametrized by ``flexbn_backend`` on that backend, also for the processes it starts
+    (``$FLEXBN_BACKEND``), whether or not the test asks for the fixture itself."""
+    callspec = getattr(request.node, "callspec", None)
+    name = None if callspec is None else callspec.params.get("flexbn_backend")
+    if name is None:
+        yield
+        return
     before = os.environ.get("FLEXBN_BACKEND")
     os.environ["FLEXBN_BACKEND"] = name
     try:
         with flexbn.use_backend(name):
-            yield name
+            yield
     finally:
         if before is None:
             del os.environ["FLEXBN_BACKEND"]

@@ -19,7 +19,7 @@ from typing import Any
 from torch import Tensor
 
 from . import _core
-from .functional import core_arguments
+from ._core import plan as _plan
 
 __all__ = ["batch_norm"]
 
@@ -71,7 +71,7 @@ def batch_norm(
         >>> rms.shape
         torch.Size([3, 3])
     """
-    args = core_arguments(
+    plan = _plan.build(
         input,
         running_mean,
         running_var,
@@ -91,4 +91,6 @@ def batch_norm(
         rmax=rmax,
         dmax=dmax,
     )
-    return _core.batch_norm_functional(*args)
+    return _core.batch_norm_functional(
+        input, running_mean, running_var, weight, bias, momentum, plan
+    )

@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from . import _core
 from . import functional as F
-from ._core import stats
+from ._core import plan as _plan
 
 __all__ = [
     "BatchNorm1d",
@@ -29,6 +30,9 @@ __all__ = [
 ]
 
 
+_torch_batch_norm = torch.nn.functional.batch_norm
+
+
 def _cumulative_factor(num_batches_tracked: Tensor, running_mean: Tensor | None) -> Tensor:
     """``1 / num_batches_tracked`` (``momentum=None``: cumulative average) as a tensor, without a host
     synchronisation. float64 where the statistics are (as torch's Python-float factor), else float32 (MPS
@@ -39,25 +43,12 @@ def _cumulative_factor(num_batches_tracked: Tensor, running_mean: Tensor | None)
 
 
 def _check_renorm_options(renorm: object, rmax: object, dmax: object, track: bool) -> None:
-    F.check_renorm(renorm, rmax, dmax)
+    _plan.check_renorm(renorm, rmax, dmax)
     if renorm and not track:
         raise ValueError(
             "renorm=True needs running statistics (track_running_stats=True): its corrections compare "
             "the batch statistics with them, but got track_running_stats=False"
         )
-
-
-def _renorm_limits(module: nn.Module) -> tuple[float | Tensor, float | Tensor] | None:
-    """``(rmax, dmax)`` read now (a schedule may have changed them) and validated, or ``None``."""
-    F.check_renorm(module.renorm, module.rmax, module.dmax)
-    if not module.renorm:
-        return None
-    if module.running_mean is None or not module.track_running_stats:
-        raise ValueError(
-            "renorm=True needs running statistics (track_running_stats=True) in training, but "
-            f"{type(module).__name__} has none"
-        )
-    return F.renorm_limit(module.rmax), F.renorm_limit(module.dmax)
 
 
 def _renorm_repr(module: nn.Module) -> str:
@@ -95,9 +86,9 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
         rmax: float | Tensor = 3.0,
         dmax: float | Tensor = 5.0,
     ) -> None:
-        F._check_flag("detach_mean", detach_mean)
-        F._check_flag("detach_var", detach_var)
-        F.check_virtual_batch_size(virtual_batch_size)
+        _plan.check_flag("detach_mean", detach_mean)
+        _plan.check_flag("detach_var", detach_var)
+        _plan.check_virtual_batch_size(virtual_batch_size)
         _check_renorm_options(renorm, rmax, dmax, track_running_stats)
         super().__init__(
             num_features,
@@ -119,6 +110,7 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
 
         ``momentum=None`` gives the cumulative average ``1 / num_batches_tracked`` as a 0-d tensor, so no
         host synchronisation happens (torch's ``float(num_batches_tracked)`` breaks ``torch.compile`` graphs).
+        Called once the call is validated: a rejected call changes nothing.
         """
         factor: float | Tensor = 0.0 if self.momentum is None else self.momentum
         if (
@@ -140,12 +132,82 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
         groups: Tensor | None = None,
         stats_input: Tensor | None = None,
     ) -> Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return self._traced_forward(input, mask, groups, stats_input)
         self._check_input_dim(input)
-        momentum = self._momentum_factor()
+        training = self.training
+        if (
+            not training
+            and self.running_mean is not None
+            and mask is None
+            and groups is None
+            and stats_input is None
+        ):  # eval with running statistics: torch's own operator, bitwise
+            return _torch_batch_norm(
+                input,
+                self.running_mean,
+                self.running_var,
+                self.weight,
+                self.bias,
+                False,
+                0.0,
+                self.eps,
+            )
         # Batch statistics in training, and in eval when there are no running buffers (torch's rule).
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        track = not self.training or self.track_running_stats
-        return F.batch_norm(
+        use_batch_stats = training or (self.running_mean is None and self.running_var is None)
+        track = not training or self.track_running_stats
+        running_mean = self.running_mean if track else None
+        running_var = self.running_var if track else None
+        plan = _plan.build(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            0.0,
+            self.eps,
+            detach_mean=self.detach_mean,
+            detach_var=self.detach_var,
+            mask=mask,
+            groups=groups,
+            virtual_batch_size=self.virtual_batch_size,
+            stats_input=stats_input,
+            process_group=self._sync_group() if training else None,
+            renorm=self.renorm,
+            rmax=self.rmax,
+            dmax=self.dmax,
+        )
+        momentum = self._momentum_factor()
+        return _core.batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, momentum, plan
+        )
+
+    def _traced_forward(
+        self,
+        input: torch.fx.Proxy,
+        mask: Any,
+        groups: Any,
+        stats_input: Any,
+    ) -> Any:
+        """``torch.fx.symbolic_trace``: one ``call_function`` node -- torch's ``F.batch_norm`` when no flexbn
+        option is in play (tools that look for batch norm see it), else :func:`flexbn.batch_norm` -- with
+        the layer's buffers and parameters as ``get_attr`` nodes, and the ``num_batches_tracked`` update
+        recorded too. The graph is specialised to the layer's mode at tracing time, as FX does for every
+        module it traces through."""
+        training = self.training
+        momentum: Any = 0.0 if self.momentum is None else self.momentum
+        if training and self.track_running_stats and self.num_batches_tracked is not None:
+            tracer = input.tracer
+            path = tracer.path_of_module(self)
+            name = f"{path}.num_batches_tracked" if path else "num_batches_tracked"
+            nbt = tracer.create_proxy("get_attr", name, (), {})
+            nbt.add_(1)
+            if self.momentum is None:
+                momentum = _cumulative_factor(nbt, self.running_mean)
+        use_batch_stats = training or (self.running_mean is None and self.running_var is None)
+        track = not training or self.track_running_stats
+        args = (
             input,
             self.running_mean if track else None,
             self.running_var if track else None,
@@ -154,13 +216,30 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
             use_batch_stats,
             momentum,
             self.eps,
+        )
+        per_sample = mask is not None or groups is not None or stats_input is not None
+        options = per_sample or (
+            use_batch_stats
+            and (
+                self.detach_mean
+                or self.detach_var
+                or self.renorm
+                or self.virtual_batch_size is not None
+                or self._sync_group() is not None
+                or self.momentum is None
+            )
+        )
+        if not options:  # what torch computes: its own function (eval with running statistics, ...)
+            return torch.nn.functional.batch_norm(*args)
+        return F.batch_norm(
+            *args,
             detach_mean=self.detach_mean,
             detach_var=self.detach_var,
             mask=mask,
             groups=groups,
             virtual_batch_size=self.virtual_batch_size,
             stats_input=stats_input,
-            process_group=self._sync_group() if self.training else None,
+            process_group=self._sync_group() if training else None,
             renorm=self.renorm,
             rmax=self.rmax,
             dmax=self.dmax,
@@ -272,7 +351,7 @@ class _DomainBatchNorm(nn.Module):
             ("detach_mean", detach_mean),
             ("detach_var", detach_var),
         ):
-            F._check_flag(name, flag)
+            _plan.check_flag(name, flag)
         factory = {"device": device, "dtype": dtype}
         self.num_features, self.num_domains = num_features, num_domains
         self.eps, self.momentum = eps, momentum
@@ -317,13 +396,23 @@ class _DomainBatchNorm(nn.Module):
     def forward(
         self,
         input: Tensor,
-        domain: Tensor,
+        domain: Tensor | None = None,
         *,
         mask: Tensor | None = None,
         stats_input: Tensor | None = None,
     ) -> Tensor:
         """Normalize each sample with its domain's statistics: ``domain`` is an ``(N,)`` integer tensor of
         ids in ``[0, num_domains)``."""
+        if isinstance(input, torch.fx.Proxy):
+            raise ValueError(
+                f"{type(self).__name__} cannot be traced by torch.fx.symbolic_trace (its statistics "
+                "depend on the domain ids); mark it a leaf module of your tracer"
+            )
+        if domain is None:
+            raise TypeError(
+                f"{type(self).__name__}.forward() missing required argument 'domain': an (N,) integer "
+                f"tensor of domain ids in [0, num_domains) = [0, {self.num_domains}), one per sample"
+            )
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(
@@ -331,64 +420,39 @@ class _DomainBatchNorm(nn.Module):
                 f"{tuple(input.shape)}"
             )
         use_batch_stats = self.training or self.running_mean is None
-        if use_batch_stats and self.eps <= 0:
-            raise ValueError(f"batch_norm eps must be positive during training, but got {self.eps}")
-        seg = self._segments(input, domain, mask, use_batch_stats)
-        if stats_input is not None:
-            F._check_stats_input(stats_input, input)
         track = not self.training or self.track_running_stats
-        renorm = _renorm_limits(self) if self.training else None
+        running_mean = self.running_mean if track else None
+        running_var = self.running_var if track else None
+        plan = _plan.build(
+            input,
+            running_mean,
+            running_var,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            0.0,
+            self.eps,
+            detach_mean=self.detach_mean,
+            detach_var=self.detach_var,
+            mask=mask,
+            stats_input=stats_input,
+            renorm=self.renorm,
+            rmax=self.rmax,
+            dmax=self.dmax,
+            domain=(domain, self.num_domains),
+        )
         momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
         recompute = _core.renorm.recomputing()  # counted by the first forward (checkpointing)
         if self.training and self.track_running_stats and input.numel() > 0 and not recompute:
-            present = (seg.counts > 0).squeeze(1)
+            present = _core.reference.counts(input, plan.seg, torch.float32) > 0
             self.num_batches_tracked.add_(present.long())
             if self.momentum is None:
                 momentum = _cumulative_factor(
                     self.num_batches_tracked, self.running_mean
                 ).unsqueeze(1)
         return _core.batch_norm(
-            input,
-            self.running_mean if track else None,
-            self.running_var if track else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            momentum,
-            float(self.eps),
-            self.detach_mean,
-            self.detach_var,
-            seg,
-            stats_input,
-            renorm,
+            input, running_mean, running_var, self.weight, self.bias, momentum, plan
         )
-
-    def _segments(
-        self, input: Tensor, domain: Tensor, mask: Tensor | None, use_batch_stats: bool
-    ) -> stats.Segments:
-        n = input.shape[0]
-        base = F.segments(input, None, None, mask, training=False)  # validates the mask
-        if not isinstance(domain, Tensor) or domain.shape != (n,):
-            got = tuple(domain.shape) if isinstance(domain, Tensor) else type(domain).__name__
-            raise ValueError(f"domain must be an (N,) = ({n},) tensor of domain ids, but got {got}")
-        if domain.dtype.is_floating_point or domain.dtype.is_complex or domain.dtype == torch.bool:
-            raise ValueError(f"domain must be an integer tensor, but got dtype {domain.dtype}")
-        if domain.device != input.device:
-            raise ValueError(f"domain is on {domain.device} but input is on {input.device}")
-        if n and F.readable(domain) and bool(((domain < 0) | (domain >= self.num_domains)).any()):
-            raise ValueError(
-                f"domain ids must be in [0, num_domains) = [0, {self.num_domains}), but got "
-                f"min {int(domain.min())} and max {int(domain.max())}"
-            )
-        counts = stats.segment_counts(input, domain, self.num_domains, mask)
-        readable = F.readable(counts)
-        if use_batch_stats and n and readable and bool(((counts > 0) & (counts <= 1)).any()):
-            lonely = torch.nonzero(((counts > 0) & (counts <= 1)).flatten()).flatten().tolist()
-            raise ValueError(
-                "Expected more than 1 value per channel when training in every domain present, but "
-                f"domains {lonely[:10]} have 1 (input size {input.size()})"
-            )
-        return stats.Segments(domain.long(), self.num_domains, counts, base.mask)
 
     def extra_repr(self) -> str:
         rep = (
@@ -473,7 +537,7 @@ def renorm_schedule(
     for name, value in (("rmax_at", rmax_at), ("dmax_at", dmax_at)):
         if value < warmup:
             raise ValueError(f"{name} must be >= warmup ({warmup}), but got {value}")
-    F.check_renorm(True, rmax, dmax)
+    _plan.check_renorm(True, rmax, dmax)
 
     def ramp(end: int) -> float:
         if step <= warmup:
@@ -496,7 +560,7 @@ def set_renorm_limits(model: nn.Module, rmax: float | Tensor, dmax: float | Tens
         >>> model[0].rmax, model[0].dmax
         (1.5714285714285714, 2.5)
     """
-    F.check_renorm(True, rmax, dmax)
+    _plan.check_renorm(True, rmax, dmax)
     count = 0
     for module in model.modules():
         if isinstance(module, (_FlexBatchNorm, _DomainBatchNorm)) and module.renorm:

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._core import stats
+from ._core import reference, stats
+from ._core.segments import Segments
 from .modules import _DomainBatchNorm
 
 __all__ = ["freeze", "recompute_stats", "unfreeze"]
@@ -149,28 +150,23 @@ def unfreeze(model: nn.Module) -> nn.Module:
 
 
 class _Population:
-    """Exact running population moments of one layer, per (segment, channel), in float64.
-
-    ``n`` ``(S, 1)`` element counts, ``mean`` and ``m2`` (sum of squared deviations) ``(S, C)``, ``calls``
-    ``(S,)`` forward calls that brought elements; ``S`` is ``num_domains`` for ``DomainBatchNorm``, else 1.
-    Batches are merged with the parallel formula of Chan, Golub & LeVeque (no ``E[x^2] - E[x]^2``).
-    """
+    """Exact running population moments of one layer, per (segment, channel): the statistics currency
+    (``count`` ``(S,)``, ``mean`` and ``m2`` ``(S, C)``, float64), merged batch after batch with Chan's
+    formulas (``stats.merge``: no ``E[x^2] - E[x]^2``), and ``calls`` ``(S,)``, the forward calls that brought
+    elements; ``S`` is ``num_domains`` for ``DomainBatchNorm``, else 1."""
 
     def __init__(self, segments: int, channels: int, device: torch.device) -> None:
         f64 = {"dtype": torch.float64, "device": device}
-        self.n = torch.zeros(segments, 1, **f64)
-        self.mean = torch.zeros(segments, channels, **f64)
-        self.m2 = torch.zeros(segments, channels, **f64)
+        self.moments = stats.Moments(
+            torch.zeros(segments, **f64),
+            torch.zeros(segments, channels, **f64),
+            torch.zeros(segments, channels, **f64),
+        )
         self.calls = torch.zeros(segments, dtype=torch.long, device=device)
 
-    def merge(self, n: Tensor, mean: Tensor, m2: Tensor) -> None:
-        total = self.n + n
-        weight = n / total.clamp_min(1)  # 0 where neither has elements
-        delta = mean - self.mean
-        self.mean += delta * weight
-        self.m2 += m2 + delta.square() * self.n * weight
-        self.n = total
-        self.calls += (n > 0).flatten().long()
+    def merge(self, m: stats.Moments) -> None:
+        self.moments = stats.merge(self.moments, m)
+        self.calls += (m.count > 0).long()
 
 
 def _accumulate(pop: _Population, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
@@ -188,14 +184,9 @@ def _accumulate(pop: _Population, module: nn.Module, args: Any, kwargs: Any, out
     # float64 moments of the batch (MPS has no float64: its corrected two-pass float32 moments, merged in
     # float64 on the CPU).
     x = x.detach().to(torch.float32 if x.device.type == "mps" else torch.float64)
-    counts = stats.segment_counts(x, ids, num, mask)
-    kept = None if mask is None else mask.unsqueeze(1)
-    keep_counts = ids is not None or mask is not None
-    seg = stats.Segments(ids, num, counts if keep_counts else None, kept)
-    m = stats.moments(x, seg)
-    n, mean, var = (t.to(pop.mean.device).to(torch.float64) for t in (counts, m.mean, m.var))
-    n, mean, var = n.reshape(-1, 1), mean.reshape(num, -1), var.reshape(num, -1)
-    pop.merge(n, mean, var * n)
+    m = reference.moments(x, Segments(ids, num, mask))
+    dev = pop.moments.mean.device
+    pop.merge(stats.Moments(*(t.to(device=dev, dtype=torch.float64) for t in m)))
 
 
 def _all_gather_merge(pop: _Population, module: nn.Module) -> None:
@@ -206,18 +197,20 @@ def _all_gather_merge(pop: _Population, module: nn.Module) -> None:
     group = module.process_group or dist.group.WORLD
     if dist.get_world_size(group) < 2:
         return
-    calls = pop.calls.to(pop.n.dtype).reshape(-1, 1)
-    packed = torch.cat([pop.n, pop.mean, pop.m2, calls], 1)
+    m = pop.moments
+    calls = pop.calls.to(m.count.dtype).reshape(-1, 1)
+    packed = torch.cat([m.count.reshape(-1, 1), m.mean, m.m2, calls], 1)
     parts = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, packed, group=group)
-    merged = _Population(pop.mean.shape[0], pop.mean.shape[1], pop.mean.device)
+    channels = m.mean.shape[1]
+    merged = _Population(m.mean.shape[0], channels, m.mean.device)
     for part in parts:
-        n, mean, m2, _ = part.split([1, pop.mean.shape[1], pop.mean.shape[1], 1], 1)
-        merged.merge(n, mean, m2)
+        n, mean, m2, _ = part.split([1, channels, channels, 1], 1)
+        merged.merge(stats.Moments(n.reshape(-1), mean, m2))
     # The most calls any process made: the same num_batches_tracked on every rank, also on one whose
     # share of the data was empty.
     most = torch.stack([part[:, -1] for part in parts]).amax(0).to(pop.calls.dtype)
-    pop.n, pop.mean, pop.m2, pop.calls = merged.n, merged.mean, merged.m2, most
+    pop.moments, pop.calls = merged.moments, most
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
@@ -408,12 +401,13 @@ def _write(
         pop = pops[m]
         if distributed and hasattr(m, "process_group"):
             _all_gather_merge(pop, m)
-        seen = pop.n > 0  # (S, 1)
+        count, pop_mean, m2 = pop.moments
+        seen = (count > 0).unsqueeze(1)  # (S, 1)
         if not bool(seen.any()):
             unreached.append(name or "(model)")
-        var = pop.m2 / (pop.n - 1).clamp_min(1)
-        old_mean, old_var = (b.to(pop.mean.device).to(torch.float64) for b in backup[m][:2])
-        mean = torch.where(seen, pop.mean, old_mean.reshape(pop.mean.shape))
+        var = m2 / (count.unsqueeze(1) - 1).clamp_min(1)
+        old_mean, old_var = (b.to(pop_mean.device).to(torch.float64) for b in backup[m][:2])
+        mean = torch.where(seen, pop_mean, old_mean.reshape(pop_mean.shape))
         var = torch.where(seen, var, old_var.reshape(var.shape))
         for buf, new in ((m.running_mean, mean), (m.running_var, var)):
             buf.copy_(new.to(buf.dtype).to(buf.device).reshape(buf.shape))

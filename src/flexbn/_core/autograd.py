@@ -1,239 +1,205 @@
-"""The one autograd Function: normalize with per-channel statistics, with an analytic backward.
+"""The autograd Functions: normalize with the statistics' flags, with an analytic backward.
 
-Forward, per channel (``docs/gradients.md`` derives everything below)::
+Forward, per (segment,) channel (``docs/gradients.md`` derives everything below)::
 
     y = (x - mean) * (invstd * weight) + bias
 
-The statistics arrive precomputed (no graph). Two flags say whether they are functions of ``x`` for the
-purpose of differentiation -- the gradient axis G:
+The statistics arrive as the currency (``stats.Moments``), computed without a graph. Two flags say whether
+they are functions of their source for the purpose of differentiation -- the gradient axis G:
 
 * ``grad_mean``: gradient flows through the batch mean (``False`` = ``x.mean(dims).detach()``);
 * ``grad_var``:  gradient flows through the batch variance (``False`` = ``x.var(dims).detach()``).
 
-Both are ``False`` when the statistics are constants (running statistics in eval mode). The statistics set
-is a segmentation of the batch (``stats.Segments``): one segment for the whole batch, or one per bag /
-ghost batch, each with its own statistics. With ``sum`` over an element's segment and channel, ``M`` that
-segment's count, ``g = dy``, ``xmu = x - mean`` and ``s = invstd``::
+Both are ``False`` when the statistics are constants (running statistics in eval mode). Their source is
+``stats_input`` when given, else ``x``. Only ``x``, ``weight``, ``stats_input`` and the per-segment tables
+are saved; nothing else of the input's size.
 
-    grad_bias   = sum over segments of sum(g)
-    grad_weight = sum over segments of sum(g * xmu) * s
-    grad_input  = weight * s * (g - [grad_mean] * sum(g) / M - [grad_var] * xmu * s^2 * sum(g * xmu) / M)
+The backward is the backend's: the sums ``sum(dy)`` and ``sum(dy * (x - mean))`` per (segment, channel),
+then the gradients from them -- in one call for one process; with statistics synchronised across processes
+the core adds the sums of every rank in between, once. When the backward is itself differentiated
+(``create_graph=True``) the reference formula runs with autograd on, with the statistics recomputed from
+the saved source and detached where the flags say: its derivatives are those of the hand composition
+``(x - x.mean().detach?) / sqrt(x.var().detach? + eps)`` to every order. Forward-mode derivatives use the
+reference formula too.
 
-Only ``x``, ``weight`` and the per-segment statistics are saved; nothing of the input's size.
-
-Double backward: when the backward itself is differentiated (``create_graph=True``), the same formula is
-evaluated with autograd on, with the statistics recomputed from the saved ``x`` so that they are functions of
-``x`` -- detached where the flags say, exactly as in the hand-written composition. Its derivatives are then
-those of the composition ``(x - x.mean().detach?) / sqrt(x.var().detach? + eps)``, to every order.
+The implementation chosen for a call (``backend.implementation``) is kept for its backward; the reference
+takes over where the upstream gradient is not a plain tensor (``autograd.grad(..., is_grads_batched=True)``
+batches it) or where the backward is differentiated.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
-from . import stats, sync
-from .backend import fused
+from . import backend, reference, sync
+from .segments import Segments
+from .stats import Moments
 
+__all__ = [
+    "EagerBatchNormFunction",
+    "EagerNormalizeFunction",
+    "NormalizeFunction",
+    "NormalizeFunctionNoJvp",
+    "Spec",
+    "check_counts",
+    "forward",
+]
 
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """The layout of torch's batch-norm output for ``x``: channels-last if ``x`` is, else contiguous."""
-    try:
-        if not x.is_contiguous():
-            if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-                return torch.channels_last
-            if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-                return torch.channels_last_3d
-    except RuntimeError:  # inside torch.func.vmap, only contiguous_format can be queried ("NYI")
-        pass
-    return torch.contiguous_format
-
-
-def _scale(invstd: Tensor, weight: Tensor | None) -> Tensor:
-    """``invstd * weight``: per channel, or per segment when either is."""
-    return invstd if weight is None else invstd * weight
+_functorch = torch._C._functorch
 
 
-@fused
-def normalize(
+class Spec(NamedTuple):
+    """The non-differentiable arguments of one normalization."""
+
+    eps: float
+    grad_mean: bool
+    grad_var: bool
+    running: bool  # the tables are running statistics (constants, except to forward-mode AD)
+    seg: Segments
+    name: str  # the requested backend
+
+
+def _setup(
+    ctx: Any,
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    shift: Tensor,
-    delta: Tensor | None,
-    invstd: Tensor,
-    seg: stats.Segments = stats.WHOLE,
-) -> Tensor:
-    """``(x - mean) * invstd * weight + bias`` with ``mean = shift + delta``, in ``x``'s dtype and layout.
-
-    Computed as ``((x - shift) - delta) * scale + bias``: the subtractions come first, so full precision is
-    kept when ``|mean| >> std`` (``stats`` module notes), and a constant channel gives exactly ``bias``.
-    Not differentiable itself (in-place on its own temporary); :class:`BatchNormFunction` differentiates it.
-    """
-    nd = x.dim()
-    y = stats.upcast(x) - seg.expand(shift, nd)
-    if delta is not None:
-        y.sub_(seg.expand(delta, nd))
-    y.mul_(seg.expand(_scale(invstd, weight), nd))
-    if bias is not None:
-        y.add_(seg.param(bias, nd))
-    return y.to(x.dtype).contiguous(memory_format=_memory_format(x))
-
-
-def jvp_formula(
-    x: Tensor,
-    x_t: Tensor | None,
     z: Tensor | None,
-    z_t: Tensor | None,
-    weight: Tensor | None,
+    m: Moments,
+    spec: Spec,
+    impl: Any,
+) -> None:
+    ctx.save_for_backward(x, weight, z, *m)
+    if not torch.compiler.is_compiling() and (
+        getattr(forward_ad, "_current_level", -1) >= 0 or _functorch.is_functorch_wrapped_tensor(x)
+    ):  # forward-mode AD may ask for the tangent (compiled code has none: NormalizeFunctionNoJvp)
+        ctx.save_for_forward(x, weight, z, *m)
+    ctx.spec, ctx.impl = spec, impl
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.bias_rows = 1 if bias is None or bias.dim() == 1 else bias.shape[0]
+
+
+def _jvp(
+    ctx: Any,
+    x_t: Tensor | None,
     weight_t: Tensor | None,
     bias_t: Tensor | None,
-    shift: Tensor,
-    delta: Tensor | None,
-    invstd: Tensor,
-    *,
-    grad_mean: bool,
-    grad_var: bool,
-    seg: stats.Segments = stats.WHOLE,
+    z_t: Tensor | None,
+    mean_t: Tensor | None = None,
+    m2_t: Tensor | None = None,
 ) -> Tensor:
-    """Forward-mode derivative (tangent of the output) of :func:`normalize` with the statistics' flags.
+    x, weight, z, count, mean, m2 = ctx.saved_tensors
+    spec = ctx.spec
+    if spec.seg.group is not None and (spec.grad_mean or spec.grad_var):
+        raise NotImplementedError(
+            "forward-mode AD through batch statistics synchronised across processes is not supported"
+        )
+    # Batch statistics move as the flags say (the tangents their tables may carry from the input under
+    # torch.func are not used); running statistics move with their own tangents.
+    stats_t = (mean_t, m2_t) if spec.running and (mean_t is not None or m2_t is not None) else None
+    return reference.jvp_formula(
+        x,
+        x_t,
+        z,
+        z_t,
+        weight,
+        weight_t,
+        bias_t,
+        Moments(count, mean, m2),
+        spec.eps,
+        grad_mean=spec.grad_mean,
+        grad_var=spec.grad_var,
+        seg=spec.seg,
+        stats_t=stats_t,
+    )
 
-    The statistics come from ``z`` (``stats_input``; ``None`` means ``x``). With ``s = invstd`` and a
-    tangent ``u`` of ``z``, the mean moves by ``[grad_mean] mean(u)`` and the invstd by
-    ``-[grad_var] s^3 mean((z - mean) * u)``; so with ``t`` the tangent of ``x``::
 
-        dy = weight * s * (t - [grad_mean] mean(u) - [grad_var] (x - mean) s^2 mean((z - mean) u))
-             + (x - mean) * s * dweight + dbias
+def _plain(t: Tensor) -> bool:
+    return not (_functorch.is_functorch_wrapped_tensor(t) or _functorch.is_legacy_batchedtensor(t))
 
-    Masked-out elements do not move the statistics (``mean`` is over kept elements only) and take none of
-    the statistics' or the parameters' tangents: theirs is ``weight * s * t``.
-    """
-    nd = x.dim()
-    cdt = stats.compute_dtype(x.dtype)
-    count = seg.count(x)
-    xmu = stats.upcast(x) - seg.expand(shift, nd)
-    if delta is not None:
-        xmu = xmu - seg.expand(delta, nd)
-    if z is None:
-        z, z_t, zmu = x, x_t, xmu
+
+def _backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+    x, weight, z, count, mean, m2 = ctx.saved_tensors
+    spec = ctx.spec
+    seg = spec.seg
+    needs = tuple(ctx.needs_input_grad[:4])
+    differentiated = torch.is_grad_enabled()
+    if differentiated and (spec.grad_mean or spec.grad_var):
+        if seg.group is not None:
+            raise NotImplementedError(
+                "double backward through batch statistics synchronised across processes is not "
+                "supported (torch.nn.SyncBatchNorm does not support it either)"
+            )
+        gx, gw, gb, gz = reference.backward_formula(
+            grad_out,
+            x,
+            z,
+            weight,
+            spec.eps,
+            seg,
+            grad_mean=spec.grad_mean,
+            grad_var=spec.grad_var,
+            needs=needs,
+            bias_rows=ctx.bias_rows,
+        )
     else:
-        zmu = stats.upcast(z) - seg.expand(shift, nd)
-        if delta is not None:
-            zmu = zmu - seg.expand(delta, nd)
-    scale = seg.expand(_scale(invstd, weight), nd)
-    out = torch.zeros((), dtype=cdt, device=x.device)
-    stats_term = None  # the statistics' tangent contribution, before the scale
-    if z_t is not None:
-        u = z_t.to(cdt)
-        if grad_mean:
-            stats_term = seg.expand(seg.reduce(u) / count, nd)
-        if grad_var:
-            k = invstd * invstd * seg.reduce(seg.keep(zmu) * u) / count
-            var_term = seg.keep(xmu) * seg.expand(k, nd)
-            stats_term = var_term if stats_term is None else stats_term + var_term
-    if x_t is not None:
-        out = out + x_t.to(cdt) * scale
-    if stats_term is not None:
-        out = out - seg.keep(stats_term * scale)
-    if weight_t is not None:
-        out = out + seg.keep(xmu * seg.expand(invstd, nd) * seg.param(weight_t, nd))
-    if bias_t is not None:
-        out = out + seg.keep(seg.param(bias_t, nd).expand(x.shape))
-    return out.expand(x.shape).to(x.dtype).contiguous(memory_format=_memory_format(x))
+        impl = ctx.impl
+        if differentiated or (impl is not reference and not _plain(grad_out)):
+            impl = reference  # a graph to build, or a batched upstream gradient
+        gx, gw, gb, gz = gradients(
+            impl, grad_out, x, z, weight, Moments(count, mean, m2), spec, needs, ctx.bias_rows
+        )
+    if gw is not None and gw.dtype != weight.dtype:
+        gw = gw.to(weight.dtype)
+    if gb is not None and gb.dtype != ctx.bias_dtype:
+        gb = gb.to(ctx.bias_dtype)
+    return gx, gw, gb, gz
 
 
-@fused
-def backward_formula(
+def gradients(
+    impl: Any,
+    grad_out: Tensor,
     x: Tensor,
     z: Tensor | None,
-    grad_out: Tensor,
     weight: Tensor | None,
-    shift: Tensor,
-    delta: Tensor | None,
-    invstd: Tensor,
-    *,
-    grad_mean: bool,
-    grad_var: bool,
-    bias_per_segment: bool = False,
-    var_mean: Tensor | None = None,
-    needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
-    seg: stats.Segments = stats.WHOLE,
+    m: Moments,
+    spec: Spec,
+    needs: tuple[bool, bool, bool, bool],
+    bias_rows: int,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients ``(input, weight, bias, stats_input)`` of :func:`normalize` with the statistics' flags.
-
-    The statistics come from ``z`` (``stats_input``; ``None`` means ``x``, and the statistics' gradient then
-    joins the input's). ``var_mean`` is the mean inside the variance (the variance's own centring): it
-    equals the mean in value and differs from it only as a graph node, when building double-backward graphs
-    with the mean detached and the variance not; ``None`` means ``shift + delta``. Masked-out elements take
-    part in no sum: their outputs' gradient reaches only their own input, ``dy * weight * invstd``.
-    """
-    need_input, need_weight, need_bias, need_z = needs
-    nd = x.dim()
-    count = seg.count(x)
-    xa, g = stats.upcast(x), grad_out.to(stats.compute_dtype(x.dtype))
-    g_kept = seg.keep(g)
-    xs = seg.keep(xa - seg.expand(shift, nd))  # x - mean, up to the per-segment delta
-    need_stats = need_input if z is None else need_z
-    need_sum_gxmu = need_weight or (need_stats and grad_var)
-    need_sum_g = need_bias or (need_stats and grad_mean) or (need_sum_gxmu and delta is not None)
-    synced = seg.group is not None and (grad_mean or grad_var)
-    if synced:  # every rank adds both of its sums, whatever it needs itself
-        need_sum_g = need_sum_gxmu = True
-    sum_g = seg.reduce(g_kept) if need_sum_g else None
-    sum_gxmu = None
-    if need_sum_gxmu:
-        sum_gxmu = seg.reduce(g_kept * xs)
-        if delta is not None:
-            sum_gxmu = sum_gxmu - delta * sum_g
-    # The weight and bias gradients stay local (as with torch's SyncBatchNorm).
-    local_g, local_gxmu = sum_g, sum_gxmu
-    if synced:
-        sum_g, sum_gxmu = sync.all_sum(seg.group, sum_g, sum_gxmu)
-
-    # The statistics' gradient reaching their source, before the scale:
-    #   stats_term = [mean] sum_g / M + [var] (z - mean) * k,  k = s^2 sum(g (x - mean)) / M
-    stats_term, const = None, None
-    if need_stats and grad_var:
-        k = invstd * invstd * sum_gxmu / count
-        if var_mean is not None:
-            zc = seg.keep(stats.upcast(x if z is None else z) - seg.expand(var_mean, nd))
-        elif z is None:
-            zc = xs
-            const = None if delta is None else -delta * k
-        else:
-            zc = seg.keep(stats.upcast(z) - seg.expand(shift, nd))
-            const = None if delta is None else -delta * k
-        stats_term = zc * seg.expand(k, nd)
-    if need_stats and grad_mean:
-        const = sum_g / count if const is None else const + sum_g / count
-    if const is not None:
-        const_term = seg.keep(seg.expand(const, nd).expand(x.shape))
-        stats_term = const_term if stats_term is None else stats_term + const_term
-
-    scale = seg.expand(_scale(invstd, weight), nd)
-    layout = _memory_format(x)
-    grad_input = grad_z = None
-    if need_input:
-        term = g if (z is not None or stats_term is None) else g - stats_term
-        grad_input = term * scale
-        if seg.mask is not None:
-            # Masked-out outputs are passengers: the scale is a constant to them, to every order.
-            grad_input = torch.where(seg.mask, grad_input, g * scale.detach())
-        grad_input = grad_input.to(x.dtype).contiguous(memory_format=layout)
-    if need_z and z is not None and stats_term is not None:  # else no gradient, as with .detach()
-        grad_z = (-stats_term * scale).to(z.dtype).contiguous(memory_format=_memory_format(z))
-    grad_weight = None
-    if need_weight and weight is not None:
-        grad_weight = seg.total(local_gxmu * invstd, per_segment=weight.dim() == 2)
-    grad_bias = seg.total(local_g, per_segment=bias_per_segment) if need_bias else None
-    return grad_input, grad_weight, grad_bias, grad_z
+    """The first-order backward on ``impl``. Synchronised statistics: the backend's sums, added across
+    processes (every rank adds both, whatever it needs itself), then the gradients -- weight and bias
+    gradients from the local sums, as with ``torch.nn.SyncBatchNorm``. Otherwise one call."""
+    seg = spec.seg
+    sums = local = None
+    if seg.group is not None and (spec.grad_mean or spec.grad_var):
+        local = impl.backward_sums(grad_out, x, m, seg)
+        sums = sync.all_sum(seg.group, *local)
+    return impl.backward(
+        grad_out,
+        x,
+        z,
+        weight,
+        m,
+        spec.eps,
+        seg,
+        sums,
+        local,
+        grad_mean=spec.grad_mean,
+        grad_var=spec.grad_var,
+        needs=needs,
+        bias_rows=bias_rows,
+    )
 
 
-class BatchNormFunction(torch.autograd.Function):
-    """``normalize`` with the analytic backward above. Arguments after ``stats_input`` are not
-    differentiable; ``stats_input=None`` means the statistics are those of ``x``."""
+class NormalizeFunction(torch.autograd.Function):
+    """``normalize`` with the analytic backward, for ``torch.func`` transforms, ``torch.compile`` and
+    statistics across processes. ``count``, ``mean``, ``m2`` and ``spec`` are not differentiable (running
+    statistics' tables are, to forward-mode AD)."""
 
     generate_vmap_rule = True
 
@@ -243,98 +209,141 @@ class BatchNormFunction(torch.autograd.Function):
         weight: Tensor | None,
         bias: Tensor | None,
         stats_input: Tensor | None,
-        shift: Tensor,
-        delta: Tensor | None,
-        invstd: Tensor,
-        eps: float,
-        grad_mean: bool,
-        grad_var: bool,
-        seg: stats.Segments,
+        count: Tensor,
+        mean: Tensor,
+        m2: Tensor,
+        spec: Spec,
     ) -> Tensor:
-        return normalize(x, weight, bias, shift, delta, invstd, seg)
+        impl = backend.implementation(spec.name, x, weight, bias)
+        return impl.normalize(x, weight, bias, Moments(count, mean, m2), spec.eps, spec.seg)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
-        x, weight, bias, z, shift, delta, invstd, eps, grad_mean, grad_var, seg = inputs
-        ctx.save_for_backward(x, weight, z, shift, delta, invstd)
-        ctx.save_for_forward(x, weight, z, shift, delta, invstd)
-        ctx.eps, ctx.grad_mean, ctx.grad_var, ctx.seg = eps, grad_mean, grad_var, seg
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.bias_per_segment = bias is not None and bias.dim() == 2
-        ctx.bias_like = (
-            None if bias is None else bias.new_empty((0,) * bias.dim())
-        )  # shape rank only
+        x, weight, bias, z, count, mean, m2, spec = inputs
+        impl = backend.implementation(spec.name, x, weight, bias)
+        _setup(ctx, x, weight, bias, z, Moments(count, mean, m2), spec, impl)
 
     @staticmethod
     def jvp(
-        ctx: Any,
-        x_t: Tensor | None,
-        weight_t: Tensor | None,
-        bias_t: Tensor | None,
-        z_t: Tensor | None,
-        *_: Any,
-    ) -> Tensor:
-        # Tangents of the statistics arguments are ignored: the flags say how the statistics move.
-        x, weight, z, shift, delta, invstd = ctx.saved_tensors
-        if ctx.seg.group is not None and (ctx.grad_mean or ctx.grad_var):
-            raise NotImplementedError(
-                "forward-mode AD through batch statistics synchronised across processes is not supported"
-            )
-        return jvp_formula(
-            x,
-            x_t,
-            z,
-            z_t,
-            weight,
-            weight_t,
-            bias_t,
-            shift,
-            delta,
-            invstd,
-            grad_mean=ctx.grad_mean,
-            grad_var=ctx.grad_var,
-            seg=ctx.seg,
-        )
+        ctx: Any, x_t: Any, w_t: Any, b_t: Any, z_t: Any, _c: Any, mean_t: Any, m2_t: Any, _: Any
+    ) -> Any:
+        return _jvp(ctx, x_t, w_t, b_t, z_t, mean_t, m2_t)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        x, weight, z, shift, delta, invstd = ctx.saved_tensors
-        grad_mean, grad_var, seg = ctx.grad_mean, ctx.grad_var, ctx.seg
-        var_mean = None
-        if torch.is_grad_enabled() and (grad_mean or grad_var):
-            if seg.group is not None:
-                raise NotImplementedError(
-                    "double backward through batch statistics synchronised across processes is not "
-                    "supported (torch.nn.SyncBatchNorm does not support it either)"
-                )
-            # Double backward: the statistics as differentiable functions of their source, detached as
-            # configured.
-            m = stats.moments(x if z is None else z, seg)
-            mean = m.mean
-            shift, delta, var_mean = (mean if grad_mean else mean.detach()), None, mean
-            invstd = stats.invstd(m.var if grad_var else m.var.detach(), ctx.eps)
-        gx, gw, gb, gz = backward_formula(
-            x,
-            z,
-            grad_out,
-            weight,
-            shift,
-            delta,
-            invstd,
-            grad_mean=grad_mean,
-            grad_var=grad_var,
-            bias_per_segment=ctx.bias_per_segment,
-            var_mean=var_mean,
-            needs=tuple(ctx.needs_input_grad[:4]),
-            seg=seg,
-        )
-        gw = None if gw is None else gw.to(weight.dtype)
-        gb = None if gb is None else gb.to(ctx.bias_dtype)
-        return gx, gw, gb, gz, None, None, None, None, None, None, None
+        return (*_backward(ctx, grad_out), None, None, None, None)
 
 
-class BatchNormFunctionNoJvp(BatchNormFunction):
-    """:class:`BatchNormFunction` without the custom ``jvp``, for ``torch.compile``: Dynamo cannot trace a
+class NormalizeFunctionNoJvp(NormalizeFunction):
+    """:class:`NormalizeFunction` without the custom ``jvp``, for ``torch.compile``: Dynamo cannot trace a
     Function that defines one (forward-mode AD of compiled code is then unsupported)."""
 
     jvp = staticmethod(torch.autograd.Function.jvp)
+
+
+class EagerNormalizeFunction(torch.autograd.Function):
+    """:class:`NormalizeFunction` in the older form (``forward(ctx, ...)``), for the ``flexbn::normalize``
+    operator's autograd kernel: ``Function.apply`` binds the arguments of a ``setup_context``-style forward
+    to its signature on every call (``inspect``, tens of microseconds); this form does not. Not usable under
+    ``torch.func`` transforms, which run the other."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        stats_input: Tensor | None,
+        count: Tensor,
+        mean: Tensor,
+        m2: Tensor,
+        spec: Spec,
+    ) -> Tensor:
+        m = Moments(count, mean, m2)
+        impl = backend.implementation(spec.name, x, weight, bias)
+        _setup(ctx, x, weight, bias, stats_input, m, spec, impl)
+        return impl.normalize(x, weight, bias, m, spec.eps, spec.seg)
+
+    @staticmethod
+    def jvp(
+        ctx: Any, x_t: Any, w_t: Any, b_t: Any, z_t: Any, _c: Any, mean_t: Any, m2_t: Any, _: Any
+    ) -> Any:
+        return _jvp(ctx, x_t, w_t, b_t, z_t, mean_t, m2_t)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (*_backward(ctx, grad_out), None, None, None, None)
+
+
+class EagerBatchNormFunction(torch.autograd.Function):
+    """One training forward of one process (:func:`forward`) with the backward of
+    :class:`NormalizeFunction`, in the older form (eager calls and the ``flexbn::batch_norm`` operator).
+    Returns ``(y, count, mean, m2)``; the tables are not differentiable."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        stats_input: Tensor | None,
+        spec: Spec,
+        running: tuple[Tensor, Tensor] | None,
+        momentum: float | Tensor,
+        check: str | None,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        y, m, impl = forward(x, weight, bias, stats_input, running, momentum, spec, check)
+        _setup(ctx, x, weight, bias, stats_input, m, spec, impl)
+        ctx.mark_non_differentiable(*m)
+        return (y, *m)
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Any, w_t: Any, b_t: Any, z_t: Any, *_: Any) -> Any:
+        return _jvp(ctx, x_t, w_t, b_t, z_t), None, None, None
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor, *_: Any) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (*_backward(ctx, grad_out), None, None, None, None)
+
+
+def forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    stats_input: Tensor | None,
+    running: tuple[Tensor, Tensor] | None,
+    momentum: float | Tensor,
+    spec: Spec,
+    check: str | None,
+) -> tuple[Tensor, Moments, Any]:
+    """One training forward on the backend (``stats_input`` the statistics' source when given): the
+    output, the statistics and the implementation that ran. Raises before any state changes when ``check``
+    (the option that selects the segments) finds a segment of at most one value per channel."""
+    source = x if stats_input is None else stats_input
+    impl = backend.implementation(spec.name, x, source, weight, bias)
+    code = 0 if check is None else (2 if check == "domain" else 1)
+    with torch.no_grad():
+        y, m = impl.forward(
+            x, source.detach(), weight, bias, running, momentum, spec.eps, spec.seg, code
+        )
+    if y is None:
+        check_counts(m.count, check, x)  # raises
+    return y, m, impl
+
+
+def check_counts(count: Tensor, source: str | None, x: Tensor) -> None:
+    """No segment selected by ``source`` may hold a single value per channel in training (it would
+    normalize to ``bias`` and give a NaN running variance); an absent domain may hold none."""
+    if source == "domain":
+        lonely = ((count > 0) & (count <= 1)).nonzero().flatten()
+        if lonely.numel():
+            raise ValueError(
+                "Expected more than 1 value per channel when training in every domain present, but "
+                f"domains {lonely[:10].tolist()} have 1 (input size {x.size()})"
+            )
+        return
+    if bool((count <= 1).any()):
+        raise ValueError(
+            "Expected more than 1 value per channel when training in every segment of the statistics, "
+            f"but a segment selected by {source} has {int(count.min().item())} (input size {x.size()})"
+        )

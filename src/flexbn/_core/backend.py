@@ -1,50 +1,61 @@
-"""Backends: who runs the core's hot functions -- ``stats.moments``, ``autograd.normalize`` and
-``autograd.backward_formula``.
+"""Backends: which implementation of the core's operations runs (``reference``, ``cpp``, ``compiled``).
 
-* ``reference``: the pure-torch functions themselves. Always available, no compiler; several passes over the
-  input, each a separate torch kernel.
+* ``reference``: plain torch (``reference.py``). Always available; several torch kernels per operation.
 * ``cpp``: hand-written C++/OpenMP kernels for CPU tensors (``kernels.cpp``): one pass for the statistics,
-  one for the output, and two for the backward, for every statistics set, gradient mode and memory layout.
-  Built once per machine with the system C++ compiler (2 to 3 s) and cached on disk
-  (``kernels.cache_dir()``); later processes load the built library.
-* ``compiled``: the reference functions compiled by ``torch.compile`` (Inductor: C++/OpenMP loops on CPU,
-  Triton on CUDA). Each configuration (dtype, rank, memory layout, options, statistics set) compiles
-  separately, seconds at its first call (Inductor caches the generated code on disk).
-* ``auto`` (the default): ``cpp`` for CPU tensors where the kernels can be built, else ``reference`` (said
-  once at debug level on the ``flexbn`` logger). CUDA tensors run the reference too: ``compiled`` (Triton)
-  has never been measured on a GPU here, so it is not chosen for anyone until it is; ask for it explicitly
-  (its compilation errors then reach the caller).
+  one for the output, two for the backward, for every statistics set, gradient mode and memory layout.
+  Built once per machine with the system C++ compiler and cached on disk (``native``).
+* ``compiled``: the reference operations compiled by ``torch.compile`` (Inductor: C++/OpenMP loops on CPU,
+  Triton on CUDA), one compiled copy per configuration, seconds at its first call.
+* ``auto`` (the default): ``cpp`` for CPU tensors where the kernels can be built, else ``reference``. CUDA
+  tensors get the reference: ``compiled`` (Triton) has not been measured on a GPU, so it is no one's
+  default until it is; ask for it explicitly.
 
-``flexbn.set_backend(name)`` or the environment variable ``FLEXBN_BACKEND`` choose; explicitly asking for a
-backend that cannot run here raises. Whatever the choice, the reference runs where a fast path cannot help
-or cannot work: under the user's own ``torch.compile`` (Inductor fuses the whole graph), under ``torch.func``
-transforms, and when the function is itself being differentiated (double backward); ``compiled`` also
-leaves statistics synchronised across processes to the reference (collectives), while ``cpp`` computes the
-local sums and lets the core exchange them.
+The choice: :func:`use_backend` (a ``with`` block, for the current thread or task: a ``ContextVar``), else
+:func:`set_backend` (the process), else the environment variable ``FLEXBN_BACKEND``, else ``auto``. It is
+read once per batch-norm call and held by that call's backward. Explicitly asking for a backend that
+cannot run here raises; ``auto`` falls back to the reference where the kernels cannot take the tensors.
+
+Whatever the choice, the reference runs where a fast path cannot work or cannot help: under the user's own
+``torch.compile`` (Inductor fuses the whole graph), under ``torch.func`` transforms, on tensor subclasses
+(fake, batched), and when the backward is itself differentiated (double backward).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import logging
 import os
 import shutil
 import types
-import warnings
-from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["BACKENDS", "cpp_available", "fused", "get_backend", "set_backend", "use_backend"]
+from . import reference
+
+__all__ = [
+    "BACKENDS",
+    "cpp_available",
+    "get_backend",
+    "implementation",
+    "set_backend",
+    "use_backend",
+]
 
 BACKENDS = ("auto", "reference", "cpp", "compiled")
 _log = logging.getLogger("flexbn")
 _DEFAULT = "auto"
-_selected: list[str] = []  # the explicit choice, if any (else the environment's, else _DEFAULT)
-F = TypeVar("F", bound=Callable[..., Any])
+_context: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "flexbn_backend", default=None
+)
+_process: list[str] = []  # set_backend's choice, if any
+_environment: list[
+    str
+] = []  # $FLEXBN_BACKEND as read at first need (again after set_backend(None))
 
 
 def _check_name(name: object) -> str:
@@ -56,21 +67,28 @@ def _check_name(name: object) -> str:
 
 
 def get_backend() -> str:
-    """The selected backend: ``set_backend``'s, else ``$FLEXBN_BACKEND``, else ``"auto"``.
+    """The selected backend: :func:`use_backend`'s, else :func:`set_backend`'s, else
+    ``$FLEXBN_BACKEND`` (read when first needed, and again after ``set_backend(None)``), else ``"auto"``.
 
     >>> import flexbn
     >>> flexbn.get_backend() in flexbn.BACKENDS
     True
     """
-    if _selected:
-        return _selected[-1]
-    return _check_name(os.environ.get("FLEXBN_BACKEND", _DEFAULT) or _DEFAULT)
+    name = _context.get()
+    if name is not None:
+        return name
+    if _process:
+        return _process[0]
+    if not _environment:
+        env = os.environ.get("FLEXBN_BACKEND")
+        _environment.append(_check_name(env) if env else _DEFAULT)
+    return _environment[0]
 
 
 def set_backend(name: str | None) -> None:
-    """Select the backend for every flexbn call in this process: ``"auto"`` (default), ``"reference"``,
-    ``"cpp"`` or ``"compiled"``; ``None`` goes back to ``$FLEXBN_BACKEND`` or the default. Asking for a
-    backend that cannot run here raises ``RuntimeError``.
+    """Select the backend for every flexbn call of this process (outside :func:`use_backend` blocks):
+    ``"auto"`` (default), ``"reference"``, ``"cpp"`` or ``"compiled"``; ``None`` goes back to
+    ``$FLEXBN_BACKEND`` or the default. Asking for a backend that cannot run here raises ``RuntimeError``.
 
     >>> import flexbn
     >>> flexbn.set_backend("reference"); flexbn.get_backend()
@@ -78,23 +96,31 @@ def set_backend(name: str | None) -> None:
     >>> flexbn.set_backend(None)
     """
     if name is None:
-        _selected.clear()
+        _process.clear()
+        _environment.clear()
         return
-    _selected[:] = [_check_runnable(_check_name(name))]
+    _process[:] = [_check_runnable(_check_name(name))]
 
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Select a backend inside a ``with`` block (restores the previous choice)."""
-    _selected.append(_check_runnable(_check_name(name)))
+    """Select a backend inside a ``with`` block, for the current thread (or asyncio task) only: other
+    threads keep their own choice. The backward of a call made inside the block uses the block's backend,
+    wherever it runs.
+
+    >>> import torch, flexbn
+    >>> with flexbn.use_backend("reference"):
+    ...     y = flexbn.batch_norm(torch.randn(4, 3), None, None, training=True)
+    """
+    token = _context.set(_check_runnable(_check_name(name)))
     try:
         yield
     finally:
-        _selected.pop()
+        _context.reset(token)
 
 
 def _check_runnable(name: str) -> str:
-    if name == "compiled" and not available("cpu") and not available("cuda"):
+    if name == "compiled" and not compiled_available("cpu") and not compiled_available("cuda"):
         raise RuntimeError(f"flexbn backend 'compiled' is unavailable here: {_why_not('cpu')}")
     if name == "cpp" and not cpp_available():
         raise RuntimeError(f"flexbn backend 'cpp' is unavailable here: {_kernels().why_not()}")
@@ -118,7 +144,7 @@ def cpp_available() -> bool:
 
 
 @functools.cache
-def available(device_type: str) -> bool:
+def compiled_available(device_type: str) -> bool:
     """Whether the compiled backend can run on this device type."""
     return _why_not(device_type) == ""
 
@@ -139,50 +165,42 @@ def _why_not(device_type: str) -> str:
     return f"no compiled kernels for device type {device_type!r}"
 
 
-def _tensors(args: tuple[Any, ...], out: list[Tensor]) -> list[Tensor]:
-    """The tensors among ``args`` and inside its tuples (the segments), appended to ``out``."""
-    for a in args:
-        if isinstance(a, Tensor):
-            out.append(a)
-        elif isinstance(a, tuple):
-            _tensors(a, out)
-    return out
+_functorch = torch._C._functorch
+_reference = reference
 
 
-def _choose(args: tuple[Any, ...]) -> str:
-    """Which implementation runs this call: ``"reference"``, ``"cpp"`` or ``"compiled"`` (see the module
-    notes for the exceptions)."""
-    name = get_backend()
-    if name == "reference" or torch.compiler.is_compiling():
-        return "reference"
-    tensors = _tensors(args, [])
-    if not tensors:
-        return "reference"
-    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    if any(wrapped(t) for t in tensors):
-        return "reference"
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return "reference"  # being differentiated: the reference builds the graph
-    device = tensors[0].device.type
+def _plain(t: Tensor) -> bool:
+    """Not a functorch-wrapped or legacy-batched tensor (``is_grads_batched``): its memory is its value."""
+    return not (_functorch.is_functorch_wrapped_tensor(t) or _functorch.is_legacy_batchedtensor(t))
+
+
+def implementation(name: str, *tensors: Tensor | None) -> Any:
+    """The module implementing the operations for this call: ``reference``, ``kernels`` (``cpp``) or
+    ``compiled``, for the requested backend ``name`` and the call's tensors (the input first)."""
+    if name == "reference":
+        return _reference
+    x = tensors[0]
+    device = x.device.type if x is not None else "cpu"
     if name == "cpp" or (name == "auto" and device == "cpu"):
-        if device != "cpu" and name == "cpp":
-            raise RuntimeError(f"flexbn backend 'cpp' runs on CPU tensors only, not on {device}")
         kernels = _kernels()
-        if kernels.supports(*tensors) and (name == "cpp" or kernels.why_not() == ""):
-            return "cpp"
-        if name == "auto":
+        if kernels.supports(*tensors) and not any(t is not None and not _plain(t) for t in tensors):
+            if name == "cpp" or kernels.why_not() == "":
+                return kernels
+        elif name == "cpp" and device not in ("cpu", "meta"):  # meta: shapes only, the reference
+            raise RuntimeError(f"flexbn backend 'cpp' runs on CPU tensors only, not on {device}")
+        if name == "auto" and device == "cpu":
             _log_once(device)
-        return "reference"
-    if any(getattr(a, "group", None) is not None for a in args if isinstance(a, tuple)):
-        return "reference"  # synchronised statistics: collectives, not compiled
-    if name == "compiled":
-        if not available(device):
+        return _reference
+    if name == "compiled" and device != "meta" and all(t is None or _plain(t) for t in tensors):
+        if not compiled_available(device):
             raise RuntimeError(
                 f"flexbn backend 'compiled' cannot run on {device}: {_why_not(device)}"
             )
-        return "compiled"
-    _log_once(device)  # auto off the CPU: the reference (see the module notes)
-    return "reference"
+        from . import compiled
+
+        return compiled.BACKEND
+    _log_once(device)
+    return _reference
 
 
 @functools.cache
@@ -192,51 +210,3 @@ def _log_once(device: str) -> None:
     else:
         why = "no fast path measured on this device; flexbn.set_backend('compiled') to try Inductor"
     _log.debug("flexbn: reference backend on %s (%s)", device, why)
-
-
-def _signature(value: Any) -> Any:
-    """What distinguishes one configuration from another: tensors' dtype, rank and layout, and every other
-    value; used to give each configuration its own compiled copy (Dynamo's recompilation limit is per code
-    object)."""
-    if isinstance(value, Tensor):
-        return (value.dtype, value.dim(), value.device.type, value.is_contiguous())
-    if isinstance(value, tuple):
-        return tuple(_signature(v) for v in value)
-    if isinstance(value, int) and not isinstance(value, bool):
-        return int  # a count (e.g. of bags) varies per batch: Dynamo's own guards handle its value
-    return value if isinstance(value, (bool, float, str, type(None))) else type(value)
-
-
-def fused(fn: F) -> F:
-    """Run ``fn`` (a pure-torch core function) compiled when the backend says so, else as it is."""
-    copies: dict[Any, Callable[..., Any]] = {}
-
-    @functools.wraps(fn)
-    def run(*args: Any, **kwargs: Any) -> Any:
-        choice = _choose(args + tuple(kwargs.values()))
-        if choice == "reference":
-            return fn(*args, **kwargs)
-        if choice == "cpp":
-            out = _kernels().IMPLEMENTATIONS[fn.__name__](*args, **kwargs)
-            return fn(*args, **kwargs) if out is NotImplemented else out
-        key = (_signature(args), tuple(sorted((k, _signature(v)) for k, v in kwargs.items())))
-        with warnings.catch_warnings():
-            # torch's own deprecation notices, raised while Inductor loads and compiles
-            warnings.filterwarnings("ignore", module=r"torch(\.|$)")
-            compiled = copies.get(key)
-            if compiled is None:
-                # A copy of the function with its own code object, hence its own Dynamo cache.
-                clone = types.FunctionType(
-                    fn.__code__.replace(),
-                    fn.__globals__,
-                    fn.__name__,
-                    fn.__defaults__,
-                    fn.__closure__,
-                )
-                clone.__kwdefaults__ = fn.__kwdefaults__
-                compiled = copies[key] = torch.compile(clone)
-            return compiled(*args, **kwargs)  # only on request: a compiler error reaches the caller
-
-    run.reference = fn  # type: ignore[attr-defined]
-    run.compiled = copies  # type: ignore[attr-defined]  # configuration -> compiled copy (introspection)
-    return run  # type: ignore[return-value]

@@ -20,6 +20,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -818,6 +819,273 @@ Geo geo(i64 N, i64 C, i64 L, int layout, const i64* ids, i64 G, const u8* mask, 
   return Geo{N, C, L, layout, ids, ids ? G : 1, mask, std::max(1, threads)};
 }
 
+
+// ---------------------------------------------------------------------------------------------------
+// The operations on the statistics currency: per (segment, channel) the count of kept elements, the
+// mean and m2 (sum of squared deviations from the mean), all double. The tables the elementwise passes
+// need are formed here from the currency, with the same operations in the same precision as the
+// reference (flexbn/_core/reference.py), so that one call costs one pass over its tensors and no
+// per-table work in Python:
+//   shift = T(mean), delta = T(mean - shift), var = T(m2 / max(count, 1)),
+//   invstd = 1 / sqrt(var + T(eps)) in T, scale = invstd * weight in T.
+// A table has `rows` rows of C values: rows == 1 applies to every segment.
+
+template <class T>
+struct Tables {
+  i64 G, C;
+  std::vector<T> shift, delta, invstd;
+  bool any_delta = false;
+
+  Tables(const Geo& g, const double* count, const double* mean, const double* m2, i64 rows,
+         double eps)
+      : G(g.G), C(g.C), shift(g.G * g.C), delta(g.G * g.C), invstd(g.G * g.C) {
+    for (i64 s = 0; s < G; ++s) {
+      const i64 r = rows == 1 ? 0 : s;
+      const double n = count ? std::max(count[r], 1.0) : 1.0;
+      for (i64 c = 0; c < C; ++c) {
+        const double mu = mean[r * C + c];
+        const T sh = static_cast<T>(mu);
+        const T de = static_cast<T>(mu - static_cast<double>(sh));
+        const T var = static_cast<T>(m2[r * C + c] / n);
+        shift[s * C + c] = sh;
+        delta[s * C + c] = de;
+        any_delta = any_delta || de != T(0);
+        invstd[s * C + c] = T(1) / std::sqrt(var + static_cast<T>(eps));
+      }
+    }
+  }
+};
+
+// A (rows, C) parameter as a full (G, C) table, or nullptr.
+template <class T>
+std::vector<T> full_table(const T* p, i64 rows, i64 G, i64 C) {
+  std::vector<T> out;
+  if (!p) return out;
+  out.resize(G * C);
+  for (i64 s = 0; s < G; ++s) std::copy(p + (rows == 1 ? 0 : s) * C, p + (rows == 1 ? 1 : s + 1) * C,
+                                        out.begin() + s * C);
+  return out;
+}
+
+// Channels-last rows of one segment and no mask are independent of their row: k consecutive rows can be
+// handed to an elementwise kernel as one row of k * C values, so that its per-row work covers at least
+// ~WIDE values. Returns k (1: no merging) and the merged geometry.
+constexpr i64 WIDE = 1024;
+
+i64 merge_factor(const Geo& g) {
+  if (g.layout != 1 || g.ids || g.mask || g.C >= WIDE || g.C == 0) return 1;
+  const i64 rows = g.N * g.L;
+  i64 k = 1;
+  for (i64 d = 1; d <= WIDE / g.C; ++d)
+    if (rows % d == 0) k = d;
+  return k;
+}
+
+template <class T>
+std::vector<T> tiled(const std::vector<T>& t, i64 k) {
+  if (t.empty() || k == 1) return t;
+  std::vector<T> out(t.size() * k);
+  for (i64 i = 0; i < k; ++i) std::copy(t.begin(), t.end(), out.begin() + i * t.size());
+  return out;
+}
+
+template <class T>
+const T* ptr(const std::vector<T>& t) {
+  return t.empty() ? nullptr : t.data();
+}
+
+template <class T>
+void normalize_stats(const T* x, T* y, const Geo& g, const double* count, const double* mean,
+                     const double* m2, i64 rows, double eps, const T* weight, i64 weight_rows,
+                     const T* bias, i64 bias_rows) {
+  const Tables<T> st(g, count, mean, m2, rows, eps);
+  std::vector<T> scale = full_table(weight, weight_rows, g.G, g.C);
+  if (scale.empty())
+    scale = st.invstd;
+  else
+    for (i64 o = 0; o < g.G * g.C; ++o) scale[o] = st.invstd[o] * scale[o];
+  const std::vector<T> b = full_table(bias, bias_rows, g.G, g.C);
+  const i64 k = merge_factor(g);
+  if (k == 1) {
+    normalize(x, y, g, st.shift.data(), st.any_delta ? st.delta.data() : nullptr, scale.data(),
+              ptr(b));
+    return;
+  }
+  const Geo wide{g.N * g.L / k, g.C * k, 1, 1, nullptr, 1, nullptr, g.threads};
+  const std::vector<T> sh = tiled(st.shift, k), sc = tiled(scale, k), bk = tiled(b, k);
+  const std::vector<T> de = st.any_delta ? tiled(st.delta, k) : std::vector<T>();
+  normalize(x, y, wide, sh.data(), ptr(de), sc.data(), ptr(bk));
+}
+
+// Sums of dy and dy * (x - mean) per (segment, channel), relative to the exact (double) mean:
+// sum(dy * (x - shift)) - (mean - shift) * sum(dy).
+template <class T>
+void backward_sums(const T* dy, const T* x, const Geo& g, const double* mean, i64 rows, double* sg,
+                   double* sgx) {
+  std::vector<T> shift(g.G * g.C);
+  for (i64 s = 0; s < g.G; ++s)
+    for (i64 c = 0; c < g.C; ++c)
+      shift[s * g.C + c] = static_cast<T>(mean[(rows == 1 ? 0 : s) * g.C + c]);
+  sums(dy, x, shift.data(), g, sg, sgx);
+  for (i64 s = 0; s < g.G; ++s)
+    for (i64 c = 0; c < g.C; ++c) {
+      const i64 o = s * g.C + c;
+      const double mu = mean[(rows == 1 ? 0 : s) * g.C + c];
+      sgx[o] -= (mu - static_cast<double>(shift[o])) * sg[o];
+    }
+}
+
+// The gradients from the sums (dy through the normalization, as the flags say): with s = invstd,
+// scale = s * weight, M the segment's count,
+//   k = [grad_var] s^2 sum(dy (x - mean)) / M,   const = [grad_mean] sum(dy) / M - delta * k
+//   gx = scale * dy + keep * (-scale * k * (source - shift) - scale * const)   (source = x)
+// or, with a separate statistics source z: gx = scale * dy, gz = keep * (...) with source = z.
+// Weight and bias gradients come from the local sums (gw = lsgx * s, gb = lsg), summed over segments
+// unless the parameter is per segment.
+template <class T>
+void backward(const T* dy, const T* x, const T* z, T* gx, T* gz, const Geo& g, const double* count,
+              const double* mean, const double* m2, i64 rows, double eps, const T* weight,
+              i64 weight_rows, const double* sg, const double* sgx, const double* lsg,
+              const double* lsgx, bool grad_mean, bool grad_var, T* gw, T* gb,
+              i64 bias_rows) {
+  const i64 G = g.G, C = g.C;
+  const Tables<T> st(g, count, mean, m2, rows, eps);
+  std::vector<T> a(G * C), b, d;
+  const bool stats = (z ? gz != nullptr : gx != nullptr) && (grad_mean || grad_var);
+  if (stats) {
+    if (grad_var) b.resize(G * C);
+    d.resize(G * C);
+  }
+  bool any_d = false;
+  for (i64 s = 0; s < G; ++s) {
+    const double n = std::max(count[rows == 1 ? 0 : s], 1.0);
+    for (i64 c = 0; c < C; ++c) {
+      const i64 o = s * C + c;
+      const double inv = static_cast<double>(st.invstd[o]);
+      const double w = weight ? static_cast<double>(weight[(weight_rows == 1 ? 0 : s) * C + c]) : 1.0;
+      const double scale = inv * w;
+      a[o] = static_cast<T>(scale);
+      if (!stats) continue;
+      double k = 0, cst = 0;
+      if (grad_var) {
+        k = inv * inv * sgx[o] / n;
+        cst = -static_cast<double>(st.delta[o]) * k;
+        b[o] = static_cast<T>(-scale * k);
+      }
+      if (grad_mean) cst += sg[o] / n;
+      d[o] = static_cast<T>(-scale * cst);
+      any_d = any_d || d[o] != T(0);
+    }
+  }
+  const T* dp = any_d ? d.data() : nullptr;
+  const T* bp = b.empty() ? nullptr : b.data();
+  const T* sp = bp ? st.shift.data() : nullptr;
+  if (z) {
+    if (gx) apply<T>(a.data(), dy, nullptr, nullptr, nullptr, nullptr, gx, g);
+    if (gz) {
+      if (stats)
+        apply<T>(nullptr, nullptr, bp, z, sp, d.data(), gz, g);
+      else
+        std::fill(gz, gz + g.N * g.C * g.L, T(0));
+    }
+  } else if (gx) {
+    const i64 k = merge_factor(g);
+    if (k == 1 || (stats && (bp || dp))) {
+      apply<T>(a.data(), dy, stats ? bp : nullptr, stats && bp ? x : nullptr, stats ? sp : nullptr,
+               stats ? dp : nullptr, gx, g);
+    } else {
+      const Geo wide{g.N * g.L / k, g.C * k, 1, 1, nullptr, 1, nullptr, g.threads};
+      const std::vector<T> ak = tiled(a, k);
+      apply<T>(ak.data(), dy, nullptr, nullptr, nullptr, nullptr, gx, wide);
+    }
+  }
+  if (gw) {  // summed in double over segments, unless the weight is per segment
+    std::vector<double> acc(weight_rows * C, 0.0);
+    for (i64 s = 0; s < G; ++s)
+      for (i64 c = 0; c < C; ++c) {
+        const i64 o = s * C + c;
+        acc[weight_rows == 1 ? c : o] += lsgx[o] * static_cast<double>(st.invstd[o]);
+      }
+    for (i64 i = 0; i < weight_rows * C; ++i) gw[i] = static_cast<T>(acc[i]);
+  }
+  if (gb) {
+    std::vector<double> acc(bias_rows * C, 0.0);
+    for (i64 s = 0; s < G; ++s)
+      for (i64 c = 0; c < C; ++c) acc[bias_rows == 1 ? c : s * C + c] += lsg[s * C + c];
+    for (i64 i = 0; i < bias_rows * C; ++i) gb[i] = static_cast<T>(acc[i]);
+  }
+}
+
+// running <- momentum * batch + (1 - momentum) * running, with the unbiased variance m2 / (count - 1).
+// Buffers of `buffer_rows` rows: one row per segment (per-domain buffers, updated where the segment has
+// elements), or one row for G segments (the mean over segments of their means and unbiased variances).
+// momentum: one value, or one per buffer row (momentum_rows).
+template <class P>
+void running_update(P* rm, P* rv, i64 buffer_rows, i64 C, i64 G, const double* count,
+                    const double* mean, const double* m2, double momentum,
+                    const double* momentum_rows) {
+  if (buffer_rows == G) {
+    for (i64 s = 0; s < G; ++s) {
+      if (G > 1 && count[s] <= 0) continue;
+      const double mo = momentum_rows ? momentum_rows[s] : momentum;
+      for (i64 c = 0; c < C; ++c) {
+        const i64 o = s * C + c;
+        const double unbiased = m2[o] / (std::max(count[s], G > 1 ? 1.0 : 0.0) - 1.0);
+        rm[o] = static_cast<P>(mo * mean[o] + (1 - mo) * static_cast<double>(rm[o]));
+        rv[o] = static_cast<P>(mo * unbiased + (1 - mo) * static_cast<double>(rv[o]));
+      }
+    }
+    return;
+  }
+  const double mo = momentum_rows ? momentum_rows[0] : momentum;
+  for (i64 c = 0; c < C; ++c) {
+    double mu = 0, var = 0;
+    for (i64 s = 0; s < G; ++s) {
+      mu += mean[s * C + c];
+      var += m2[s * C + c] / (std::max(count[s], 1.0) - 1.0);
+    }
+    mu /= static_cast<double>(G);
+    var /= static_cast<double>(G);
+    rm[c] = static_cast<P>(mo * mu + (1 - mo) * static_cast<double>(rm[c]));
+    rv[c] = static_cast<P>(mo * var + (1 - mo) * static_cast<double>(rv[c]));
+  }
+}
+
+
+// One training forward: moments of the statistics' source, the count check, the running update, the
+// normalized output. Returns 0; -2 (nothing written but the moments) when `check` finds a segment of at
+// most one value (check 1: every segment; check 2: every segment that has values, e.g. domains).
+template <class T>
+int forward(const T* x, const T* source, T* y, const Geo& g, double* count, double* mean, double* m2,
+            double eps, const T* weight, i64 weight_rows, const T* bias, i64 bias_rows, T* rm, T* rv,
+            i64 buffer_rows, double momentum, const double* momentum_rows, int check) {
+  moments(source, g, count, mean, m2);
+  if (check)
+    for (i64 s = 0; s < g.G; ++s)
+      if (count[s] <= 1 && (check == 1 || count[s] > 0)) return -2;
+  if (rm) running_update(rm, rv, buffer_rows, g.C, g.G, count, mean, m2, momentum, momentum_rows);
+  normalize_stats(x, y, g, count, mean, m2, g.G, eps, weight, weight_rows, bias, bias_rows);
+  return 0;
+}
+
+// The whole first-order backward of one process: the sums (when a gradient asked for needs them), then
+// the gradients.
+template <class T>
+void backward_local(const T* dy, const T* x, const T* z, T* gx, T* gz, const Geo& g,
+                    const double* count, const double* mean, const double* m2, i64 rows, double eps,
+                    const T* weight, i64 weight_rows, bool grad_mean, bool grad_var, T* gw,
+                    T* gb, i64 bias_rows) {
+  const bool stats = (z ? gz != nullptr : gx != nullptr) && (grad_mean || grad_var);
+  std::vector<double> sg, sgx;
+  if (stats || gw || gb) {
+    sg.resize(g.G * g.C);
+    sgx.resize(g.G * g.C);
+    backward_sums(dy, x, g, mean, rows, sg.data(), sgx.data());
+  }
+  backward(dy, x, z, gx, gz, g, count, mean, m2, rows, eps, weight, weight_rows, sg.data(),
+           sgx.data(), sg.data(), sgx.data(), grad_mean, grad_var, gw, gb, bias_rows);
+}
+
 }  // namespace
 
 #define FLEXBN_EXPORT extern "C" __attribute__((visibility("default")))
@@ -856,5 +1124,64 @@ Geo geo(i64 N, i64 C, i64 L, int layout, const i64* ids, i64 G, const u8* mask, 
 
 FLEXBN_DEFINE(f32, float)
 FLEXBN_DEFINE(f64, double)
+
+// The operations on the statistics currency (see above). Return 0, or -1 when a segment id is out of
+// range.
+#define FLEXBN_DEFINE_OPS(SUFFIX, T)                                                                \
+  FLEXBN_EXPORT int flexbn_normalize_stats_##SUFFIX(                                               \
+      const T* x, T* y, GEO_ARGS, const double* count, const double* mean, const double* m2,       \
+      i64 rows, double eps, const T* weight, i64 weight_rows, const T* bias, i64 bias_rows) {      \
+    const Geo g = GEO;                                                                             \
+    if (!ids_ok(g)) return -1;                                                                     \
+    normalize_stats(x, y, g, count, mean, m2, rows, eps, weight, weight_rows, bias, bias_rows);    \
+    return 0;                                                                                      \
+  }                                                                                                \
+  FLEXBN_EXPORT int flexbn_backward_sums_##SUFFIX(const T* dy, const T* x, GEO_ARGS,               \
+                                                  const double* mean, i64 rows, double* sum_g,     \
+                                                  double* sum_gx) {                                \
+    const Geo g = GEO;                                                                             \
+    if (!ids_ok(g)) return -1;                                                                     \
+    backward_sums(dy, x, g, mean, rows, sum_g, sum_gx);                                            \
+    return 0;                                                                                      \
+  }                                                                                                \
+  FLEXBN_EXPORT int flexbn_backward_##SUFFIX(                                                      \
+      const T* dy, const T* x, const T* z, T* gx, T* gz, GEO_ARGS, const double* count,            \
+      const double* mean, const double* m2, i64 rows, double eps, const T* weight,                 \
+      i64 weight_rows, const double* sg, const double* sgx, const double* lsg,                     \
+      const double* lsgx, int grad_mean, int grad_var, T* gw, T* gb, i64 bias_rows) {    \
+    const Geo g = GEO;                                                                             \
+    if (!ids_ok(g)) return -1;                                                                     \
+    backward(dy, x, z, gx, gz, g, count, mean, m2, rows, eps, weight, weight_rows, sg, sgx, lsg,   \
+             lsgx, grad_mean != 0, grad_var != 0, gw, gb, bias_rows);                              \
+    return 0;                                                                                      \
+  }                                                                                                \
+  FLEXBN_EXPORT int flexbn_forward_##SUFFIX(                                                       \
+      const T* x, const T* source, T* y, GEO_ARGS, double* count, double* mean, double* m2,        \
+      double eps, const T* weight, i64 weight_rows, const T* bias, i64 bias_rows, T* rm, T* rv,    \
+      i64 buffer_rows, double momentum, const double* momentum_rows, int check) {                  \
+    const Geo g = GEO;                                                                             \
+    if (!ids_ok(g)) return -1;                                                                     \
+    return forward(x, source, y, g, count, mean, m2, eps, weight, weight_rows, bias, bias_rows, rm, \
+                   rv, buffer_rows, momentum, momentum_rows, check);                               \
+  }                                                                                                \
+  FLEXBN_EXPORT int flexbn_backward_local_##SUFFIX(                                                \
+      const T* dy, const T* x, const T* z, T* gx, T* gz, GEO_ARGS, const double* count,            \
+      const double* mean, const double* m2, i64 rows, double eps, const T* weight,                 \
+      i64 weight_rows, int grad_mean, int grad_var, T* gw, T* gb, i64 bias_rows) {       \
+    const Geo g = GEO;                                                                             \
+    if (!ids_ok(g)) return -1;                                                                     \
+    backward_local(dy, x, z, gx, gz, g, count, mean, m2, rows, eps, weight, weight_rows,           \
+                   grad_mean != 0, grad_var != 0, gw, gb, bias_rows);                              \
+    return 0;                                                                                      \
+  }                                                                                                \
+  FLEXBN_EXPORT int flexbn_running_update_##SUFFIX(                                                \
+      T* rm, T* rv, i64 buffer_rows, i64 C, i64 G, const double* count, const double* mean,        \
+      const double* m2, double momentum, const double* momentum_rows) {                            \
+    running_update(rm, rv, buffer_rows, C, G, count, mean, m2, momentum, momentum_rows);           \
+    return 0;                                                                                      \
+  }
+
+FLEXBN_DEFINE_OPS(f32, float)
+FLEXBN_DEFINE_OPS(f64, double)
 
 FLEXBN_EXPORT int flexbn_abi_version() { return 1; }

@@ -1,16 +1,14 @@
-"""The ``cpp`` backend: hand-written C++/OpenMP kernels (``kernels.cpp``) for CPU tensors.
+"""The ``cpp`` backend: the core's operations on hand-written C++/OpenMP kernels (``kernels.cpp``).
 
-The core's three hot functions -- ``stats.moments``, ``autograd.normalize`` and
-``autograd.backward_formula`` -- each become one or two passes over the input, for every statistics set
-(whole batch, mask, bags, ghost batches, domains) and gradient mode, in every memory layout: contiguous
-input is reduced row by row, channels_last and ``(N, C)`` input with the channels as the vector lanes.
-Statistics are sums of deviations from a shift kept near each mean, merged in float64 with Chan's formulas
-(``kernels.cpp`` notes, ``docs/numerics.md``): one read of the input, and no cancellation however large
-the mean. The library shares torch's OpenMP runtime (the same ``libgomp``) and uses
-``torch.get_num_threads()`` threads.
+Each operation of ``reference`` becomes one call into the library -- one or two passes over the input --
+for every statistics set (whole batch, mask, bags, ghost batches, domains) and gradient mode, in every
+memory layout: contiguous input is reduced row by row, channels_last and ``(N, C)`` input with the
+channels as the vector lanes. The per-(segment, channel) tables are formed inside the library from the
+statistics currency, in the precision the reference uses, so a call costs little beyond its passes. The
+library shares torch's OpenMP runtime (the same ``libgomp``) and uses ``torch.get_num_threads()`` threads.
 
-The library is obtained by ``native`` (built once per machine, cached on disk). float16 and
-bfloat16 input is upcast to float32 first, as the reference does.
+The library is obtained by ``native`` (built once per machine, cached on disk). float16 and bfloat16
+input is upcast to float32 first, as the reference does.
 """
 
 from __future__ import annotations
@@ -20,243 +18,361 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import native, stats
+from . import native, reference
 from .native import build_info, cache_dir, library, why_not
+from .segments import WHOLE, Segments
+from .stats import Moments
 
-# -------------------------------------------------------------------------------------------------------
-# Geometry: how a tensor is laid out for the kernels.
+__all__ = [
+    "backward",
+    "backward_sums",
+    "build_info",
+    "cache_dir",
+    "forward",
+    "library",
+    "moments",
+    "normalize",
+    "running_update",
+    "supports",
+    "why_not",
+]
 
-
-class _Geo:
-    """The kernels' view of a batch: layout, sizes, segment ids and mask (kept alive with the call)."""
-
-    def __init__(self, x: Tensor, seg: stats.Segments) -> None:
-        n, c = x.shape[0], x.shape[1]
-        self.n, self.c = n, c
-        self.l = x.numel() // (n * c)
-        if x.dim() == 2:
-            self.layout, self.format = 1, torch.contiguous_format
-        elif (
-            x.dim() in (4, 5)
-            and not x.is_contiguous()
-            and x.is_contiguous(
-                memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-            )
-        ):
-            self.layout = 1
-            self.format = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        else:
-            self.layout, self.format = 0, torch.contiguous_format
-        self.ids = None if seg.ids is None else seg.ids.to(torch.int64).contiguous()
-        self.g = 1 if seg.ids is None else int(seg.num)
-        self.mask = None
-        if seg.mask is not None:
-            self.mask = seg.mask.reshape(n, self.l).to(torch.bool).contiguous()
-
-    def like(self, t: Tensor, dtype: torch.dtype) -> Tensor:
-        """``t`` in the kernels' dtype and this layout (a copy only where needed)."""
-        return t.to(dtype).contiguous(memory_format=self.format)
-
-    def args(self) -> list[Any]:
-        return [
-            self.n,
-            self.c,
-            self.l,
-            self.layout,
-            _ptr(self.ids),
-            self.g,
-            _ptr(self.mask),
-            torch.get_num_threads(),
-        ]
-
-    def elementwise(self) -> tuple[list[Any], int]:
-        """Geometry arguments for the elementwise kernels, and how many times per-channel tables must
-        be tiled for them: channels-last rows of one segment and no mask are independent of their row,
-        so ``k`` consecutive rows are handed over as one row of ``k * C`` values (the kernels' per-row
-        work then covers at least ~1024 values)."""
-        rows = self.n * self.l
-        if self.layout != 1 or self.ids is not None or self.mask is not None or self.c >= _WIDE:
-            return self.args(), 1
-        k = max(d for d in range(1, _WIDE // self.c + 1) if rows % d == 0)
-        return [rows // k, self.c * k, 1, 1, None, 1, None, torch.get_num_threads()], k
-
-    def param(self, t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-        """A per-channel ``(C,)`` or per-segment ``(G, C)`` value as a contiguous ``(G, C)`` table."""
-        if t is None:
-            return None
-        if self.g == 1 and t.dim() == 1 and t.dtype == dtype and t.is_contiguous():
-            return t  # a (C,) table already is a contiguous (1, C) one
-        return t.to(dtype).expand(self.g, self.c).contiguous()
-
-
+_F64 = torch.float64
+_KERNEL_DTYPES = (torch.float32, torch.float64)
 _PLAIN = (Tensor, torch.nn.Parameter)
-_WIDE = 1024  # values per row the elementwise kernels are given at least, where rows can be merged
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
-def _tiled(t: Tensor | None, k: int) -> Tensor | None:
-    """A ``(1, C)`` table repeated for ``k`` merged rows: ``(1, k * C)``."""
-    return t if t is None or k == 1 else t.reshape(1, -1).repeat(1, k)
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def supports(*tensors: Tensor) -> bool:
+def supports(*tensors: Tensor | None) -> bool:
     """Whether the kernels take a call on these tensors (the input first): all on the CPU, strided, plain
-    tensors or parameters (not subclasses such as fake or functorch tensors, nor negated views), the input
-    floating point and not empty."""
-    if not tensors or not tensors[0].is_floating_point() or tensors[0].numel() == 0:
+    tensors or parameters (not subclasses such as fake or functorch tensors, nor lazily negated views), the
+    input floating point and not empty."""
+    x = tensors[0]
+    if x is None or not x.is_floating_point() or x.numel() == 0:
         return False
     for t in tensors:
-        if not t.is_cpu or type(t) not in _PLAIN or t.layout is not torch.strided:
+        if t is None:
+            continue
+        if type(t) not in _PLAIN or not t.is_cpu or t.layout is not torch.strided:
             return False
         if t.is_neg() or t.is_conj():  # lazily negated views: their memory is not their value
             return False
     return True
 
 
-# -------------------------------------------------------------------------------------------------------
-# The three core functions.
+class _Geo:
+    """The kernels' view of a batch: sizes, layout, segment ids and mask (kept alive with the call)."""
+
+    __slots__ = ("args", "cdt", "format", "g", "layout", "x")
+
+    def __init__(self, x: Tensor, seg: Segments) -> None:
+        n, c = x.shape[0], x.shape[1]
+        self.cdt = torch.float32 if x.dtype not in _KERNEL_DTYPES else x.dtype
+        if x.dtype != self.cdt:
+            x = x.to(self.cdt)
+        if x.dim() == 2:
+            layout, fmt = 1, torch.contiguous_format
+            if not x.is_contiguous():
+                x = x.contiguous()
+        elif x.is_contiguous():
+            layout, fmt = 0, torch.contiguous_format
+        else:
+            fmt = _CHANNELS_LAST.get(x.dim(), torch.contiguous_format)
+            if fmt is not torch.contiguous_format and x.is_contiguous(memory_format=fmt):
+                layout = 1
+            else:
+                layout, fmt, x = 0, torch.contiguous_format, x.contiguous()
+        self.x, self.layout, self.format = x, layout, fmt
+        length = x.numel() // (n * c) if n * c else 0
+        ids = seg.ids
+        if ids is not None:  # what the kernels trust: one id per sample (each id is checked there)
+            if ids.dim() != 1 or ids.shape[0] != n:
+                raise ValueError(f"segment ids must have shape ({n},), but got {tuple(ids.shape)}")
+            if ids.dtype != torch.int64 or not ids.is_contiguous():
+                ids = ids.to(torch.int64).contiguous()
+        mask = seg.mask
+        if mask is not None:
+            if mask.numel() != n * length:
+                raise ValueError(
+                    f"mask must have {n * length} elements (N x spatial), but got {mask.numel()}"
+                )
+            mask = mask.reshape(n, length)
+            if mask.dtype != torch.bool or not mask.is_contiguous():
+                mask = mask.to(torch.bool).contiguous()
+        self.g = 1 if ids is None else seg.num
+        self.args = [
+            n,
+            c,
+            length,
+            layout,
+            None if ids is None else ids.data_ptr(),
+            self.g,
+            None if mask is None else mask.data_ptr(),
+            torch.get_num_threads(),
+            ids,  # kept alive until the call (dropped from the argument list there)
+            mask,
+        ]
+
+    def like(self, t: Tensor) -> Tensor:
+        """``t`` in the kernels' dtype and this layout (a copy only where needed)."""
+        if t.dtype != self.cdt:
+            t = t.to(self.cdt)
+        if not t.is_contiguous(memory_format=self.format):
+            t = t.contiguous(memory_format=self.format)
+        return t
+
+    def empty(self) -> Tensor:
+        return torch.empty_like(self.x, memory_format=self.format)
 
 
-def moments(x: Tensor, seg: stats.Segments = stats.WHOLE) -> stats.Moments:
-    """:func:`stats.moments` on the kernels: ``shift`` is the float64 mean rounded to the compute dtype,
-    ``delta`` the rounding residual."""
-    cdt = stats.compute_dtype(x.dtype)
-    geo = _Geo(x, seg)
-    xk = geo.like(x, cdt)
-    count = torch.empty(geo.g, dtype=torch.float64)
-    mean = torch.empty(geo.g, geo.c, dtype=torch.float64)
-    m2 = torch.empty(geo.g, geo.c, dtype=torch.float64)
-    native.call(
-        "moments", cdt, xk.data_ptr(), *geo.args(), count.data_ptr(), mean.data_ptr(), m2.data_ptr()
+def _table(t: Tensor | None, dtype: torch.dtype) -> tuple[int | None, int, Tensor | None]:
+    """``(pointer, rows, tensor kept alive)`` of a ``(C,)`` or ``(rows, C)`` table in ``dtype``."""
+    if t is None:
+        return None, 1, None
+    if t.dtype != dtype or not t.is_contiguous():
+        t = t.to(dtype).contiguous()
+    return t.data_ptr(), (1 if t.dim() == 1 else t.shape[0]), t
+
+
+def _stats(m: Moments) -> tuple[list[Any], tuple[Tensor, ...]]:
+    """Pointers to the currency's tables (float64, contiguous) and their row count."""
+    count, mean, m2 = (
+        t if t.dtype == _F64 and t.is_contiguous() else t.to(_F64).contiguous() for t in m
     )
-    shift = mean.to(cdt)
-    delta = (mean - shift.double()).to(cdt)
-    var = (m2 / count.clamp_min(1).unsqueeze(1)).to(cdt)
-    if seg.ids is None:
-        shift, delta, var = shift[0], delta[0], var[0]
-    return stats.Moments(shift, delta, var)
+    return [count.data_ptr(), mean.data_ptr(), m2.data_ptr(), mean.shape[0]], (count, mean, m2)
+
+
+def _new_tables(g: int, c: int) -> Moments:
+    """Empty currency tables ``(G,)``, ``(G, C)``, ``(G, C)``."""
+    return Moments(
+        torch.empty(g, dtype=_F64), torch.empty(g, c, dtype=_F64), torch.empty(g, c, dtype=_F64)
+    )
+
+
+def _pair(sums: tuple[Tensor, Tensor] | None) -> tuple[Tensor | None, Tensor | None]:
+    if sums is None:
+        return None, None
+    a, b = (t if t.dtype == _F64 and t.is_contiguous() else t.to(_F64).contiguous() for t in sums)
+    return a, b
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def moments(x: Tensor, seg: Segments = WHOLE) -> Moments:
+    """:func:`reference.moments` on the kernels: one read of the input."""
+    geo = _Geo(x, seg)
+    m = _new_tables(geo.g, x.shape[1])
+    native.call(
+        "moments",
+        geo.cdt,
+        geo.x.data_ptr(),
+        *geo.args[:8],
+        m.count.data_ptr(),
+        m.mean.data_ptr(),
+        m.m2.data_ptr(),
+    )
+    return m
 
 
 def normalize(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    shift: Tensor,
-    delta: Tensor | None,
-    invstd: Tensor,
-    seg: stats.Segments = stats.WHOLE,
+    m: Moments,
+    eps: float,
+    seg: Segments = WHOLE,
 ) -> Tensor:
-    """:func:`autograd.normalize` on the kernels: one pass, ``((x - shift) - delta) * scale + bias``."""
-    cdt = stats.compute_dtype(x.dtype)
+    """:func:`reference.normalize` on the kernels: one pass, ``((x - shift) - delta) * scale + bias``."""
     geo = _Geo(x, seg)
-    xk = geo.like(x, cdt)
-    scale = invstd if weight is None else invstd * weight
-    flat, tile = geo.elementwise()
-    tables = [_tiled(geo.param(t, cdt), tile) for t in (shift, delta, scale, bias)]
-    y = torch.empty_like(xk, memory_format=geo.format)
-    native.call("normalize", cdt, xk.data_ptr(), y.data_ptr(), *flat, *map(_ptr, tables))
-    return y.to(x.dtype)
+    stats, _alive = _stats(m)
+    w, w_rows, _w = _table(weight, geo.cdt)
+    b, b_rows, _b = _table(bias, geo.cdt)
+    y = geo.empty()
+    native.call(
+        "normalize_stats",
+        geo.cdt,
+        geo.x.data_ptr(),
+        y.data_ptr(),
+        *geo.args[:8],
+        *stats,
+        float(eps),
+        w,
+        w_rows,
+        b,
+        b_rows,
+    )
+    return y if y.dtype == x.dtype else y.to(x.dtype)
 
 
-def backward_formula(
+def forward(
+    x: Tensor,
+    source: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running: tuple[Tensor, Tensor] | None,
+    momentum: float | Tensor,
+    eps: float,
+    seg: Segments,
+    check: int,
+) -> tuple[Tensor | None, Moments]:
+    """:func:`reference.forward` in one call: the moments of ``source``, the count check, the running
+    update, the normalized ``x``."""
+    geo = _Geo(x, seg)
+    m = _new_tables(geo.g, x.shape[1])
+    src = geo.x if source is x else geo.like(source)
+    w, w_rows, _w = _table(weight, geo.cdt)
+    b, b_rows, _b = _table(bias, geo.cdt)
+    rm = rv = None
+    rows, per_row, factor = 1, None, 0.0
+    if running is not None and not (running_supported(*running) and running[0].dtype == geo.cdt):
+        y, m = forward(x, source, weight, bias, None, momentum, eps, seg, check)
+        if y is not None:  # buffers of another dtype (a float16 module): updated by the reference
+            reference.running_update(*running, m, momentum)
+        return y, m
+    if running is not None:
+        rm, rv = running
+        rows = 1 if rm.dim() == 1 else rm.shape[0]
+        per_row, factor = _momentum(momentum)
+    y = geo.empty()
+    rc = native.call(
+        "forward",
+        geo.cdt,
+        geo.x.data_ptr(),
+        src.data_ptr(),
+        y.data_ptr(),
+        *geo.args[:8],
+        m.count.data_ptr(),
+        m.mean.data_ptr(),
+        m.m2.data_ptr(),
+        float(eps),
+        w,
+        w_rows,
+        b,
+        b_rows,
+        _ptr(rm),
+        _ptr(rv),
+        rows,
+        factor,
+        _ptr(per_row),
+        check,
+    )
+    if rc == native.COUNTS:
+        return None, m
+    return (y if y.dtype == x.dtype else y.to(x.dtype)), m
+
+
+def _momentum(momentum: float | Tensor) -> tuple[Tensor | None, float]:
+    """``(per-row momentum table or None, scalar momentum)``."""
+    if isinstance(momentum, Tensor):
+        if momentum.numel() == 1:
+            return None, float(momentum)
+        return momentum.to(_F64).contiguous(), 0.0
+    return None, float(momentum)
+
+
+def running_update(
+    running_mean: Tensor, running_var: Tensor, m: Moments, momentum: float | Tensor
+) -> None:
+    """:func:`reference.running_update` in the library (float32/float64 buffers)."""
+    stats, _alive = _stats(m)
+    rows = 1 if running_mean.dim() == 1 else running_mean.shape[0]
+    per_row, momentum = _momentum(momentum)
+    native.call(
+        "running_update",
+        running_mean.dtype,
+        running_mean.data_ptr(),
+        running_var.data_ptr(),
+        rows,
+        running_mean.shape[-1],
+        stats[3],
+        *stats[:3],
+        float(momentum),
+        None if per_row is None else per_row.data_ptr(),
+    )
+
+
+def running_supported(running_mean: Tensor, running_var: Tensor) -> bool:
+    """Whether :func:`running_update` takes these buffers (same float32/float64 dtype, contiguous)."""
+    return (
+        running_mean.dtype in _KERNEL_DTYPES
+        and running_var.dtype == running_mean.dtype
+        and running_mean.is_contiguous()
+        and running_var.is_contiguous()
+        and supports(running_mean, running_var)
+    )
+
+
+def backward_sums(g: Tensor, x: Tensor, m: Moments, seg: Segments = WHOLE) -> tuple[Tensor, Tensor]:
+    """:func:`reference.backward_sums` on the kernels: one read of ``dy`` and ``x``."""
+    geo = _Geo(x, seg)
+    gk = geo.like(g)
+    mean = (
+        m.mean if m.mean.dtype == _F64 and m.mean.is_contiguous() else m.mean.to(_F64).contiguous()
+    )
+    sg = torch.empty(geo.g, x.shape[1], dtype=_F64)
+    sgx = torch.empty_like(sg)
+    native.call(
+        "backward_sums",
+        geo.cdt,
+        gk.data_ptr(),
+        geo.x.data_ptr(),
+        *geo.args[:8],
+        mean.data_ptr(),
+        mean.shape[0],
+        sg.data_ptr(),
+        sgx.data_ptr(),
+    )
+    return sg, sgx
+
+
+def backward(
+    g: Tensor,
     x: Tensor,
     z: Tensor | None,
-    grad_out: Tensor,
     weight: Tensor | None,
-    shift: Tensor,
-    delta: Tensor | None,
-    invstd: Tensor,
+    m: Moments,
+    eps: float,
+    seg: Segments,
+    sums: tuple[Tensor, Tensor] | None,
+    local: tuple[Tensor, Tensor] | None,
     *,
     grad_mean: bool,
     grad_var: bool,
-    bias_per_segment: bool = False,
-    var_mean: Tensor | None = None,
-    needs: tuple[bool, bool, bool, bool] = (True, True, True, True),
-    seg: stats.Segments = stats.WHOLE,
+    needs: tuple[bool, bool, bool, bool],
+    bias_rows: int = 1,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """:func:`autograd.backward_formula` on the kernels: one pass of sums over ``dy`` and ``x``, then one
-    pass writing each gradient, ``a * dy + keep * (b * (source - shift) + d)`` with per-(segment, channel)
-    coefficients formed here in float64."""
-    from . import sync
-    from .autograd import _memory_format
-
-    if var_mean is not None:  # the backward is being differentiated: the reference builds the graph
-        return NotImplemented
+    """:func:`reference.backward` on the kernels: one pass writing each gradient asked for (and, without
+    ``sums``, the pass of this process's sums before it, in the same call)."""
     need_input, need_weight, need_bias, need_z = needs
-    cdt = stats.compute_dtype(x.dtype)
     geo = _Geo(x, seg)
-    xk, gk = geo.like(x, cdt), geo.like(grad_out, cdt)
-    need_stats = need_input if z is None else need_z
-    need_sum_gxmu = need_weight or (need_stats and grad_var)
-    need_sum_g = need_bias or (need_stats and grad_mean) or (need_sum_gxmu and delta is not None)
-    synced = seg.group is not None and (grad_mean or grad_var)
-    shift_t = geo.param(shift, cdt)
-    sum_g = sum_gxmu = local_g = local_gxmu = None
-    if need_sum_g or need_sum_gxmu or synced:
-        sg = torch.empty(geo.g, geo.c, dtype=torch.float64)
-        sgx = torch.empty_like(sg)
-        args = [gk.data_ptr(), xk.data_ptr(), _ptr(shift_t), *geo.args()]
-        native.call("sums", cdt, *args, sg.data_ptr(), sgx.data_ptr())
-        if delta is not None:
-            sgx = sgx - delta.double() * sg
-        if seg.ids is None:
-            sg, sgx = sg[0], sgx[0]
-        sum_g = local_g = sg
-        sum_gxmu = local_gxmu = sgx
-        if synced:  # the weight and bias gradients stay local
-            sum_g, sum_gxmu = sync.all_sum(seg.group, sg, sgx)
-
-    count = seg.count(x)
-    count = count.double() if isinstance(count, Tensor) else float(count)
-    inv = invstd.double()
-    scale = inv if weight is None else inv * weight.double()
-    k = const = None
-    if need_stats and grad_var:
-        k = inv * inv * sum_gxmu / count
-        if delta is not None:
-            const = -delta.double() * k
-    if need_stats and grad_mean:
-        const = sum_g / count if const is None else const + sum_g / count
-    b = None if k is None else geo.param(-scale * k, cdt)
-    d = None if const is None else geo.param(-scale * const, cdt)
-    a = geo.param(scale, cdt)
-
-    def apply(
-        a_: Tensor | None,
-        u: Tensor | None,
-        b_: Tensor | None,
-        v: Tensor | None,
-        d_: Tensor | None,
-        like: Tensor,
-    ) -> Tensor:
-        out = torch.empty_like(xk, memory_format=geo.format)
-        flat, tile = geo.elementwise()
-        s_ = shift_t if b_ is not None else None
-        args = [_tiled(a_, tile), u, _tiled(b_, tile), v if b_ is not None else None]
-        args += [_tiled(s_, tile), _tiled(d_, tile)]
-        native.call("apply", cdt, *map(_ptr, args), out.data_ptr(), *flat)
-        return out.to(like.dtype).contiguous(memory_format=_memory_format(like))
-
-    grad_input = grad_z = None
-    if need_input:
-        grad_input = apply(a, gk, b, xk, d, x) if z is None else apply(a, gk, None, None, None, x)
-    if need_z and z is not None and (b is not None or d is not None):
-        grad_z = apply(None, None, b, geo.like(z, cdt), d, z)
-    grad_weight = grad_bias = None
-    if need_weight and weight is not None:
-        grad_weight = seg.total(local_gxmu * inv, per_segment=weight.dim() == 2).to(cdt)
-    if need_bias:
-        grad_bias = seg.total(local_g, per_segment=bias_per_segment).to(cdt)
-    return grad_input, grad_weight, grad_bias, grad_z
-
-
-IMPLEMENTATIONS = {
-    "moments": moments,
-    "normalize": normalize,
-    "backward_formula": backward_formula,
-}
-
-__all__ = ["IMPLEMENTATIONS", "build_info", "cache_dir", "library", "supports", "why_not"]
+    gk = geo.like(g)
+    stats, _alive = _stats(m)
+    w, w_rows, _w = _table(weight, geo.cdt)
+    zk = None if z is None else geo.like(z)
+    gx = geo.empty() if need_input else None
+    gz = geo.empty() if (need_z and zk is not None and (grad_mean or grad_var)) else None
+    c = x.shape[1]
+    gw = torch.empty(w_rows, c, dtype=geo.cdt) if (need_weight and weight is not None) else None
+    gb = torch.empty(bias_rows, c, dtype=geo.cdt) if need_bias else None
+    tensors = [gk.data_ptr(), geo.x.data_ptr(), _ptr(zk), _ptr(gx), _ptr(gz), *geo.args[:8]]
+    tensors += [*stats, float(eps), w, w_rows]
+    outputs = [int(grad_mean), int(grad_var), _ptr(gw), _ptr(gb), bias_rows]
+    if sums is None:  # this process's sums, formed in the same call
+        native.call("backward_local", geo.cdt, *tensors, *outputs)
+    else:
+        sg, sgx = _pair(sums)
+        lsg, lsgx = _pair(local)
+        native.call(
+            "backward", geo.cdt, *tensors, _ptr(sg), _ptr(sgx), _ptr(lsg), _ptr(lsgx), *outputs
+        )
+    if gx is not None and gx.dtype != x.dtype:
+        gx = gx.to(x.dtype)
+    if gz is not None and z is not None:
+        gz = gz.to(z.dtype).contiguous(memory_format=reference.memory_format(z))
+    if gw is not None and weight is not None and weight.dim() == 1:
+        gw = gw.reshape(c)
+    if gb is not None and bias_rows == 1:
+        gb = gb.reshape(c)
+    return gx, gw, gb, gz

@@ -30,12 +30,41 @@ _FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-std=c++17",
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
+_D = ctypes.c_double
+_C = ctypes.c_int
 _GEO = [_I, _I, _I, ctypes.c_int, _P, _I, _P, ctypes.c_int]
 _SIGNATURES = {
     "moments": [_P, *_GEO, _P, _P, _P],
     "normalize": [_P, _P, *_GEO, _P, _P, _P, _P],
     "sums": [_P, _P, _P, *_GEO, _P, _P],
     "apply": [_P, _P, _P, _P, _P, _P, _P, *_GEO],
+    # The operations on the statistics currency (kernels.py).
+    "normalize_stats": [_P, _P, *_GEO, _P, _P, _P, _I, _D, _P, _I, _P, _I],
+    "backward_sums": [_P, _P, *_GEO, _P, _I, _P, _P],
+    "backward": [
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        *_GEO,
+        _P,
+        _P,
+        _P,
+        _I,
+        _D,
+        _P,
+        _I,
+        *[_P] * 4,
+        _C,
+        _C,
+        _P,
+        _P,
+        _I,
+    ],
+    "running_update": [_P, _P, _I, _I, _I, _P, _P, _P, _D, _P],
+    "forward": [_P, _P, _P, *_GEO, _P, _P, _P, _D, _P, _I, _P, _I, _P, _P, _I, _D, _P, _C],
+    "backward_local": [_P, _P, _P, _P, _P, *_GEO, _P, _P, _P, _I, _D, _P, _I, _C, _C, _P, _P, _I],
 }
 
 
@@ -154,9 +183,18 @@ def _function(name: str, dtype: torch.dtype) -> Any:
     return getattr(library(), f"flexbn_{name}_{_SUFFIX[dtype]}")
 
 
-def call(name: str, dtype: torch.dtype, *args: Any) -> None:
-    if _function(name, dtype)(*args) != 0:
+COUNTS = -2
+"""Return code of ``forward``: a segment holds at most one value (nothing but the moments written)."""
+
+
+def call(name: str, dtype: torch.dtype, *args: Any) -> int:
+    """Run ``flexbn_<name>_<dtype>``; raise for an error, return :data:`COUNTS` or 0."""
+    rc = _function(name, dtype)(*args)
+    if rc == COUNTS:
+        return rc
+    if rc != 0:
         raise ValueError("segment ids must lie in [0, number of segments)")
+    return 0
 
 
 __all__ = ["Unavailable", "build_info", "cache_dir", "call", "library", "why_not"]

@@ -1,15 +1,15 @@
 """Statistics across processes: each rank's moments per (segment, channel), combined exactly.
 
-Forward: every rank packs, per local segment, its element count, mean and biased variance per channel
-(in float64), behind a small header describing its configuration, and one ``all_gather`` gives every rank
-every rank's table. The tables are combined with Chan, Golub and LeVeque's pairwise formulas::
+Forward: every rank packs, per local segment, the statistics currency (``stats.Moments``: element count,
+mean and m2 per channel, float64) behind a small header describing its configuration, and one
+``all_gather`` gives every rank every rank's table. The tables are combined with ``stats.combine``
+(Chan, Golub and LeVeque)::
 
-    N = sum n_r,   mean = sum n_r mean_r / N,   var = sum n_r (var_r + (mean_r - mean)^2) / N
+    N = sum n_r,   mean = sum n_r mean_r / N,   m2 = sum (m2_r + n_r (mean_r - mean)^2)
 
-in float64, where the spread of the ranks' means costs no precision (each mean arrives as the exact sum of
-the local ``shift + delta``), then handed back as ``shift + delta`` in the compute dtype (``stats`` module
-notes). Every rank computes the same global statistics from the same gathered bytes, so running statistics
-stay identical across ranks, and a rank with an empty batch takes part with a count of 0.
+in float64, where the spread of the ranks' means costs no precision. Every rank computes the same global
+statistics from the same gathered bytes, so running statistics stay identical across ranks, and a rank
+with an empty batch takes part with a count of 0.
 
 Bags (``groups``) may differ between ranks: their ids are global, and a first, fixed-size exchange of the
 headers tells every rank how many local bags the others have before the tables (padded to the largest) are
@@ -33,7 +33,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from . import stats
+from .segments import Segments
+from .stats import Moments, combine, table_dtype
 
 _VERSION = 1.0
 _FIELDS = ("protocol version", "channels", "options", "eps", "dtype", "local segments")
@@ -100,42 +101,39 @@ def _options_text(bits: int) -> str:
 
 
 def exchange(
-    m: stats.Moments,
-    seg: stats.Segments,
+    m: Moments | None,
+    seg: Segments,
     x: Tensor,
     eps: float,
     flags: tuple[bool, bool, bool],
-) -> tuple[stats.Moments, stats.Segments]:
-    """Global moments and segments from this rank's local ones (``seg.group`` is the process group).
+) -> tuple[Moments, Segments]:
+    """Global moments and segments from this rank's local ones (``seg.group`` is the process group;
+    ``m is None``: this rank's batch is empty).
 
     ``flags``: ``(detach_mean, detach_var, stats_input given)``, which every rank must agree on.
 
     ``seg.keys`` (bags only) are the local segments' ids; the returned segments index the sorted global ids.
     Raises ``ValueError`` on every rank when a global segment has a single value per channel in training.
     """
-    group, channels, cdt = seg.group, x.shape[1], stats.compute_dtype(x.dtype)
+    group, channels = seg.group, x.shape[1]
+    tdt = table_dtype(x.device)
     bags = seg.keys is not None
     options = sum(bit for bit, on in zip((1, 2, 4), flags, strict=True) if on)
     options += MASK * (seg.mask is not None) + GROUPS * bags
     if bags and bool((seg.keys.abs() > 2**53).any()):
         options += _HUGE_IDS  # told to every rank in the first exchange, so that every rank raises
     local = seg.num if bags else 1  # a rank with an empty batch sends a row with count 0
-    # Rows: [count, mean (C), biased variance (C)] per local segment, float64.
-    if x.numel() == 0:
-        rows = x.new_zeros((local, 1 + 2 * channels), dtype=torch.float64)
+    # Rows: [count, mean (C), m2 (C)] per local segment, float64; absent segments all zeros.
+    if m is None:
+        rows = x.new_zeros((local, 1 + 2 * channels), dtype=tdt)
     else:
-        if bags:
-            count = seg.counts.to(torch.float64)  # (local, 1), unclamped
-        else:
-            whole = seg.counts if seg.counts is not None else stats.count_per_channel(x)
-            count = torch.as_tensor(whole, dtype=torch.float64, device=x.device).reshape(1, 1)
-        mean = (m.shift.double() + m.delta.double()).reshape(-1, channels)
-        var = m.var.double().reshape(-1, channels)
+        count = m.count.to(tdt).reshape(-1, 1)
         present = count > 0
-        rows = torch.cat([count, torch.where(present, mean, 0), torch.where(present, var, 0)], 1)
+        mean = torch.where(present, m.mean.to(tdt), 0)
+        rows = torch.cat([count, mean, torch.where(present, m.m2.to(tdt), 0)], 1)
     header = torch.tensor(
         [_VERSION, channels, options, eps, _DTYPES.index(x.dtype), local],
-        dtype=torch.float64,
+        dtype=tdt,
         device=x.device,
     )
     width = 1 + 2 * channels
@@ -151,7 +149,7 @@ def exchange(
             )
         _check_headers(headers, groups=True)
         most = int(headers[:, -1].max().item())
-        keys = seg.keys.to(torch.float64)
+        keys = seg.keys.to(tdt)
         packet = torch.cat(
             [
                 header,
@@ -172,24 +170,17 @@ def exchange(
         all_rows = gathered[:, _HEADER:]
         index, num = torch.zeros(all_rows.shape[0], dtype=torch.long, device=x.device), 1
 
-    n, mean_r, var_r = all_rows[:, :1], all_rows[:, 1 : 1 + channels], all_rows[:, 1 + channels :]
-    total = n.new_zeros((num, 1)).index_add_(0, index, n)
-    safe = total.clamp_min(1)
-    mean = n.new_zeros((num, channels)).index_add_(0, index, n * mean_r) / safe
-    spread = n * (var_r + (mean_r - mean.index_select(0, index)).square())
-    var = n.new_zeros((num, channels)).index_add_(0, index, spread) / safe
-    if num == 0 or bool((total <= 1).any()):  # every global segment holds elements of some rank
-        least = int(total.min().item()) if num else 0
+    parts = Moments(all_rows[:, 0], all_rows[:, 1 : 1 + channels], all_rows[:, 1 + channels :])
+    total = combine(parts, index, num)
+    if num == 0 or bool(
+        (total.count <= 1).any()
+    ):  # every global segment holds elements of some rank
+        least = int(total.count.min().item()) if num else 0
         raise ValueError(
             "Expected more than 1 value per channel when training in every segment of the "
             f"statistics across the process group, but one has {least} (local input size {x.size()})"
         )
-    shift = mean.to(cdt)
-    delta = (mean - shift.double()).to(cdt)
-    moments = stats.Moments(shift, delta, var.to(cdt))
-    counts = total.to(cdt)
     if not bags:
-        moments = stats.Moments(*(t.reshape(channels) for t in moments))
-        return moments, seg._replace(counts=counts.reshape(()))
+        return total, seg
     ids = index.new_zeros(0) if x.shape[0] == 0 else torch.searchsorted(global_keys, keys)[seg.ids]
-    return moments, seg._replace(ids=ids, num=num, counts=counts, keys=None)
+    return total, seg._replace(ids=ids, num=num, keys=None)
