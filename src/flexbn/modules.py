@@ -180,6 +180,12 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
             rep += f", virtual_batch_size={self.virtual_batch_size}"
         return rep + _renorm_repr(self)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """For ``torch.jit.script``: torch's layer sharing this one's tensors, or a clear error."""
+        from .convert import prepare_scriptable
+
+        return prepare_scriptable(self)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("detach_mean", False)
