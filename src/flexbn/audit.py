@@ -384,7 +384,9 @@ class _Outcome:
     output_differs: bool = False  # a failure because the output (not only the gradient) differs
 
 
-def _check_call(m: nn.Module, call: _Call, tol: float, generator: torch.Generator) -> _Outcome:
+def _check_call(
+    m: nn.Module, call: _Call, tol: float, generator: torch.Generator, where: str = ""
+) -> _Outcome:
     if call.x is None:
         return _Outcome("not verified", "its input is not a floating-point tensor")
     per_call = [k for k in ("mask", "groups", "stats_input") if call.kwargs.get(k) is not None]
@@ -415,7 +417,7 @@ def _check_call(m: nn.Module, call: _Call, tol: float, generator: torch.Generato
     claimed = _flags(m) if batch else (False, False)
     out_diff, grad_diff = compare(*claimed)
     diff = max(out_diff, grad_diff)
-    used = "batch statistics" if batch else "running statistics"
+    used = ("batch statistics" if batch else "running statistics") + where
     if diff <= tol:
         return _Outcome("ok", f"{used}, max diff {diff:.1e}", diff)
     if out_diff > tol:
@@ -449,10 +451,8 @@ def _verify(
                 "its forward returns more than batch norm of its input and makes no "
                 "torch.nn.functional.batch_norm call with the layer's parameters to check",
             )
-        outcomes = [_check_call(m, call, tol, generator) for call in inner]
-        outcomes = [
-            dataclasses.replace(o, check=f"{o.check} at its batch_norm call") for o in outcomes
-        ]
+        where = " at its batch_norm call"
+        outcomes = [_check_call(m, call, tol, generator, where) for call in inner]
         calls = inner
     rank = {"fail": 0, "not verified": 1, "ok": 2}
     worst = min(outcomes, key=lambda o: (rank[o.status], -(o.diff or 0.0)))
