@@ -714,6 +714,11 @@ def prepare_scriptable(module: nn.Module) -> nn.Module:
                 "torch.export)"
             )
         asked = {k: v for k, v in _current_options(module).items() if not _is_default(kind, k, v)}
+    if issubclass(target, nn.SyncBatchNorm):
+        raise ValueError(
+            f"torch.jit.script cannot compile {_describe(kind)}: TorchScript cannot compile torch's "
+            "SyncBatchNorm either (its torch.distributed calls); use torch.compile or torch.export"
+        )
     if asked:
         raise ValueError(
             f"torch.jit.script cannot compile {_describe(kind)} with {_format_options(asked)}: "

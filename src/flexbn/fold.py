@@ -155,7 +155,8 @@ def _pairs(model: nn.Module) -> tuple[list[tuple[nn.Module, nn.Module]], str | N
         bn = model.get_submodule(str(user.target))
         if not isinstance(bn, (_BatchNorm, modules._DomainBatchNorm)):
             continue
-        if calls[user.target] != 1 or user.args != (node,) or user.kwargs:
+        # Extra arguments (a domain id, flexbn's mask=) do not matter with running statistics.
+        if calls[user.target] != 1 or user.args[:1] != (node,):
             continue
         prefixes = (f"{node.target}.", f"{user.target}.")
         if any(r.startswith(prefixes) for r in read):
