@@ -20,12 +20,14 @@ in-place operation of the model on it changes nothing), and the model goes on wi
 local to one layer.
 
 A subclass with a ``forward`` of its own (timm's ``BatchNormAct2d``: batch norm, then an activation) is
-checked the same way when its output is batch norm of its input (and fails if only its gradient differs);
-otherwise each ``torch.nn.functional.batch_norm`` call its ``forward`` makes with the layer's parameters or
-buffers is checked -- found by the mechanism :func:`flexbn.convert` routes such calls with, so a
-converted subclass is checked with the options it was given -- and with no such call the layer is "not
-verified", with the reason: never a failure for what the subclass adds after its batch norm. Lazy modules
-are materialized by the audited forward (on the copy).
+checked at the batch-norm computations that ``forward`` makes with the layer's parameters or buffers: each
+``torch.nn.functional.batch_norm`` call -- found by the mechanism :func:`flexbn.convert` routes such calls
+with, so a converted subclass is checked with the options it was given -- and, for a subclass of flexbn's
+classes, each call of flexbn's ``forward`` (``super().forward``). What it adds after them is not the
+audit's business. Without any such call it is checked by its output where that equals batch norm of its
+input (and fails if only its gradient differs), and is "not verified", with the reason, where it does not:
+never a failure for what a subclass adds to its batch norm. Lazy modules are materialized by the audited
+forward (on the copy).
 
 Not verified (and said so, with the reason): layers called with ``mask=``, ``groups=`` or
 ``stats_input=`` (per-call statistics sets), statistics synchronised over several processes, layers the
@@ -53,7 +55,14 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .convert import _has_own_forward, _is_routed, _LayerCalls, _plain_call, _routed_call
+from .convert import (
+    _has_own_forward,
+    _is_routed,
+    _LayerCalls,
+    _plain_call,
+    _public_base,
+    _routed_call,
+)
 
 __all__ = ["AuditError", "AuditRow", "audit", "format_table", "load_model", "parse_factory_args"]
 
@@ -276,12 +285,43 @@ def _observed_forward(
 
 
 def _observe(m: nn.Module, calls: list[_Call]) -> None:
-    """Record ``m``'s own ``batch_norm`` calls in ``calls``: through the routing of a converted layer, or
-    by the same mode around the forward of one that is not (``m`` is the audit's copy)."""
+    """Record in ``calls`` the batch-norm computations that the ``forward`` of ``m`` (the audit's copy;
+    a subclass with a ``forward`` of its own) makes with its parameters: its ``F.batch_norm`` calls --
+    through the routing of a converted layer, or the same mode around the forward of one that is not --
+    and, for a subclass of flexbn's classes, its calls of flexbn's ``forward`` (``super().forward``)."""
     if _is_routed(m):
         m.__dict__["_flexbn_handle"] = _observer(calls, _routed_call)
     else:
         m.forward = functools.partial(_observed_forward, m, _observer(calls, _plain_call))
+    if _is_flex(m):
+        kind = type(m)
+        base = _public_base(kind)
+        m.__class__ = type(
+            kind.__name__, (kind, _observing_subclass(base)), {"_audit_calls": calls}
+        )
+
+
+@functools.cache
+def _observing_subclass(base: type[nn.Module]) -> type[nn.Module]:
+    """``base`` (one of flexbn's classes) whose ``forward`` is recorded like a layer call: placed after a
+    user's subclass in the MRO, it is what that subclass's ``super().forward`` runs."""
+
+    def forward(self: nn.Module, input: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(input, Tensor) and input.is_floating_point():
+            own = (self.running_mean, self.running_var)
+            snap = (None if t is None else t.detach().clone() for t in own)
+            leaf = input.detach().clone().requires_grad_(True)
+            self._audit_calls.append(_Call(leaf, args, dict(kwargs), self.training, *snap))
+            # Once more for the check, on copies of the buffers (the model's are updated once).
+            saved = dict(self._buffers)
+            self._buffers.update({k: None if v is None else v.clone() for k, v in saved.items()})
+            try:
+                self._audit_calls[-1].y = base.forward(self, leaf, *args, **kwargs)
+            finally:
+                self._buffers.update(saved)
+        return base.forward(self, input, *args, **kwargs)
+
+    return type(f"_Observed{base.__name__}", (base,), {"forward": forward})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -438,22 +478,27 @@ def _verify(
     tol: float,
     generator: torch.Generator,
 ) -> _Outcome:
-    """The layer's outcome from its calls; ``inner``: the ``batch_norm`` calls made in the ``forward`` of a
-    layer that has its own (None for torch's and flexbn's classes, whose output must be batch norm)."""
+    """The layer's outcome from its calls; ``inner``: the batch-norm calls made in the ``forward`` of a
+    layer that has its own (None for torch's and flexbn's classes, whose output must be batch norm).
+    Such a layer is checked at those calls; without any, by its output where that is batch norm of its
+    input (a gradient that differs then fails), else it is not verified."""
     if not calls:
         return _Outcome("not verified", "not called by the forward")
-    outcomes = [_check_call(m, call, tol, generator) for call in calls]
-    if inner is not None and any(o.output_differs for o in outcomes):
-        # Its output is not batch norm of its input (an activation after it): check its calls instead.
-        if not inner:
-            return _Outcome(
-                "not verified",
-                "its forward returns more than batch norm of its input and makes no "
-                "torch.nn.functional.batch_norm call with the layer's parameters to check",
-            )
+    if (
+        inner
+    ):  # a forward of its own, which may add to its batch norm: check the batch norm it calls
         where = " at its batch_norm call"
         outcomes = [_check_call(m, call, tol, generator, where) for call in inner]
         calls = inner
+    else:
+        outcomes = [_check_call(m, call, tol, generator) for call in calls]
+    if inner is not None and not inner and any(o.output_differs for o in outcomes):
+        return _Outcome(
+            "not verified",
+            "its forward returns more than batch norm of its input and makes no batch-norm call "
+            "the audit can check (torch.nn.functional.batch_norm with the layer's parameters, or "
+            "flexbn's forward)",
+        )
     rank = {"fail": 0, "not verified": 1, "ok": 2}
     worst = min(outcomes, key=lambda o: (rank[o.status], -(o.diff or 0.0)))
     if len(calls) > 1:
