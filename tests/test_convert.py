@@ -332,7 +332,7 @@ def test_not_a_module() -> None:
         flexbn.convert_to_torch(nn.BatchNorm1d(3), strict="no")
 
 
-# -- what is left alone --------------------------------------------------------------------------------
+# -- subclasses (tests/test_convert_subclasses.py has the rest) ----------------------------------------
 
 
 class UserBN(nn.BatchNorm2d):
@@ -340,25 +340,24 @@ class UserBN(nn.BatchNorm2d):
         return super().forward(input) * 2
 
 
-class UserFlexBN(flexbn.BatchNorm2d):
-    pass
-
-
-def test_user_subclasses_left_alone_children_converted() -> None:
+def test_subclasses_keep_their_class_and_children_are_converted() -> None:
     user = UserBN(3)
     user.add_module("inner", nn.BatchNorm2d(3))
     domain = flexbn.DomainBatchNorm2d(3, num_domains=2)
     model = nn.Sequential(user, domain, nn.BatchNorm2d(3))
     converted = flexbn.convert(model, detach_var=True)
-    assert converted[0] is user
-    assert type(user) is UserBN
-    assert not hasattr(user, "detach_var")
+    assert converted[0] is user  # routed in place: the same object, an instance of its own class
+    assert isinstance(user, UserBN)
+    assert type(user) is not UserBN
+    assert user.detach_var
     assert converted[1] is domain
-    assert not domain.detach_var
-    assert type(user.inner) is flexbn.BatchNorm2d  # children of a skipped layer are converted
+    assert domain.detach_var
+    assert type(user.inner) is flexbn.BatchNorm2d  # children of a routed layer are converted
     assert type(converted[2]) is flexbn.BatchNorm2d
-    mine = UserFlexBN(3, detach_var=True)
-    assert flexbn.convert_to_torch(mine) is mine  # the way back leaves user subclasses too
+    back = flexbn.convert_to_torch(converted, strict=False)
+    assert type(back[0]) is UserBN
+    assert type(back[0].inner) is nn.BatchNorm2d
+    assert back[1] is domain
 
 
 # -- the way back --------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from . import func
 from ._core.backend import BACKENDS, get_backend, set_backend, use_backend
 from .convert import convert, convert_to_torch
 from .distributed import SyncBatchNorm
+from .fold import fold, fuse_modules
 from .functional import batch_norm
 from .modules import (
     BatchNorm1d,
@@ -39,8 +40,10 @@ __all__ = [
     "batch_norm",
     "convert",
     "convert_to_torch",
+    "fold",
     "freeze",
     "func",
+    "fuse_modules",
     "get_backend",
     "recompute_stats",
     "renorm_schedule",

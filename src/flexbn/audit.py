@@ -14,19 +14,33 @@ with ``mean`` / ``var`` the biased batch statistics over the layer's statistics 
 batches, per domain), each detached as the layer's flags say, and batch renormalization's ``r``, ``d``
 as constants; or the running statistics (constants) where the layer uses them (eval mode,
 ``flexbn.freeze``). A layer whose gradient differs from its claim fails, and the audit names the gradient
-mode it does match. Each layer's input is cut from the graph before the call, so every check is local to
-one layer.
+mode it does match. Each layer's input is cut from the graph before the call (and copied, so that an
+in-place operation of the model on it changes nothing), and the model goes on with a copy of its output
+(an in-place ``ReLU`` or a residual ``out += x`` after it cannot change what is checked), so every check is
+local to one layer.
+
+A subclass with a ``forward`` of its own (timm's ``BatchNormAct2d``: batch norm, then an activation) is
+checked at the batch-norm computations that ``forward`` makes with the layer's parameters or buffers: each
+``torch.nn.functional.batch_norm`` call -- found by the mechanism :func:`flexbn.convert` routes such calls
+with, so a converted subclass is checked with the options it was given -- and, for a subclass of flexbn's
+classes, each call of flexbn's ``forward`` (``super().forward``). What it adds after them is not the
+audit's business. Without any such call it is checked by its output where that equals batch norm of its
+input (and fails if only its gradient differs), and is "not verified", with the reason, where it does not:
+never a failure for what a subclass adds to its batch norm. Lazy modules are materialized by the audited
+forward (on the copy).
 
 Not verified (and said so, with the reason): layers called with ``mask=``, ``groups=`` or
 ``stats_input=`` (per-call statistics sets), statistics synchronised over several processes, layers the
-forward does not call.
+forward does not call, subclasses as above.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import dataclasses
+import functools
 import importlib
 import importlib.util
 import json
@@ -41,7 +55,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-__all__ = ["AuditError", "AuditRow", "audit", "format_table", "load_model"]
+from .convert import (
+    _has_own_forward,
+    _is_routed,
+    _LayerCalls,
+    _plain_call,
+    _public_base,
+    _routed_call,
+)
+
+__all__ = ["AuditError", "AuditRow", "audit", "format_table", "load_model", "parse_factory_args"]
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
 
@@ -116,6 +139,8 @@ def _is_flex(m: nn.Module) -> bool:
 def _is_sync(m: nn.Module) -> bool:
     from .distributed import SyncBatchNorm
 
+    if _is_routed(m):
+        return bool(type(m)._flexbn_sync)
     return isinstance(m, (nn.SyncBatchNorm, SyncBatchNorm))
 
 
@@ -130,11 +155,13 @@ def _known_name(cls: type) -> str | None:
 
 def _class_name(m: nn.Module) -> str:
     """``torch.nn.BatchNorm2d``, ``flexbn.BatchNorm2d``, or ``MyBN (flexbn.BatchNorm2d subclass)``."""
-    known = _known_name(type(m))
+    kind = type(m)._flexbn_base if _is_routed(m) else type(m)
+    known = _known_name(kind)
     if known is not None:
         return known
-    base = next((k for k in (_known_name(c) for c in type(m).__mro__[1:]) if k), None)
-    return f"{type(m).__qualname__} ({base} subclass)" if base else type(m).__qualname__
+    base = next((k for k in (_known_name(c) for c in kind.__mro__[1:]) if k), None)
+    routed = ", converted by flexbn.convert" if _is_routed(m) else ""
+    return f"{kind.__qualname__} ({base} subclass{routed})" if base else kind.__qualname__
 
 
 def _flags(m: nn.Module) -> tuple[bool, bool]:
@@ -215,14 +242,86 @@ def _record(calls: list[_Call]) -> tuple[Callable[..., Any], Callable[..., Any]]
         if not isinstance(first, Tensor) or not first.is_floating_point():
             calls.append(_Call(None, args[1:], dict(kwargs), module.training, *snap))
             return None
-        x = first.detach().requires_grad_(True)  # cut: the check is local to this layer
+        # Cut (the check is local to this layer) and copied (the model may change its tensor in place).
+        x = first.detach().clone().requires_grad_(True)
         calls.append(_Call(x, args[1:], dict(kwargs), module.training, *snap))
         return (x, *args[1:]), kwargs
 
-    def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+    def hook(module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
         calls[-1].y = output
+        # The model goes on with a copy: an in-place ReLU or `out += x` after the layer leaves ours alone.
+        return output.clone() if isinstance(output, Tensor) else None
 
     return pre_hook, hook
+
+
+def _observer(
+    calls: list[_Call],
+    compute: Callable[[nn.Module, Any], Tensor],
+) -> Callable[[nn.Module, Any], Tensor]:
+    """A handler for :class:`flexbn.convert._LayerCalls`: each of the layer's own ``batch_norm`` calls
+    runs as ``compute`` runs it, for the model, and once more for the check, on a cut copy of its input and
+    copies of the running buffers (so the model's graph and buffers are as without the audit)."""
+
+    def handle(layer: nn.Module, call: Any) -> Tensor:
+        x = call.input
+        if isinstance(x, Tensor) and x.is_floating_point():
+            rm, rv = (None if t is None else t.detach().clone() for t in call[1:3])
+            leaf = x.detach().clone().requires_grad_(True)
+            own = (layer.running_mean, layer.running_var)  # what the reference uses: the layer's
+            snap = (None if t is None else t.detach().clone() for t in own)
+            calls.append(_Call(leaf, (), {}, layer.training, *snap))
+            calls[-1].y = compute(layer, call._replace(input=leaf, running_mean=rm, running_var=rv))
+        return compute(layer, call)
+
+    return handle
+
+
+def _observed_forward(
+    m: nn.Module, handle: Callable[..., Tensor], *args: Any, **kwargs: Any
+) -> Any:
+    with _LayerCalls(m, handle, []):
+        return type(m).forward(m, *args, **kwargs)
+
+
+def _observe(m: nn.Module, calls: list[_Call]) -> None:
+    """Record in ``calls`` the batch-norm computations that the ``forward`` of ``m`` (the audit's copy;
+    a subclass with a ``forward`` of its own) makes with its parameters: its ``F.batch_norm`` calls --
+    through the routing of a converted layer, or the same mode around the forward of one that is not --
+    and, for a subclass of flexbn's classes, its calls of flexbn's ``forward`` (``super().forward``)."""
+    if _is_routed(m):
+        m.__dict__["_flexbn_handle"] = _observer(calls, _routed_call)
+    else:
+        m.forward = functools.partial(_observed_forward, m, _observer(calls, _plain_call))
+    if _is_flex(m):
+        kind = type(m)
+        base = _public_base(kind)
+        m.__class__ = type(
+            kind.__name__, (kind, _observing_subclass(base)), {"_audit_calls": calls}
+        )
+
+
+@functools.cache
+def _observing_subclass(base: type[nn.Module]) -> type[nn.Module]:
+    """``base`` (one of flexbn's classes) whose ``forward`` is recorded like a layer call: placed after a
+    user's subclass in the MRO, it is what that subclass's ``super().forward`` runs."""
+
+    def forward(self: nn.Module, input: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(input, Tensor) and input.is_floating_point():
+            own = (self.running_mean, self.running_var)
+            snap = (None if t is None else t.detach().clone() for t in own)
+            leaf = input.detach().clone().requires_grad_(True)
+            self._audit_calls.append(_Call(leaf, args, dict(kwargs), self.training, *snap))
+            # Once more for the check, on copies of the buffers (the model's are updated once).
+            saved = dict(self._buffers)
+            self._buffers.update({k: None if v is None else v.clone() for k, v in saved.items()})
+            try:
+                self._audit_calls[-1].y = base.forward(self, leaf, *args, **kwargs)
+            finally:
+                self._buffers.update(saved)
+        return base.forward(self, input, *args, **kwargs)
+
+    return type(f"_Observed{base.__name__}", (base,), {"forward": forward})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -322,9 +421,12 @@ class _Outcome:
     status: str
     check: str
     diff: float | None = None
+    output_differs: bool = False  # a failure because the output (not only the gradient) differs
 
 
-def _check_call(m: nn.Module, call: _Call, tol: float, generator: torch.Generator) -> _Outcome:
+def _check_call(
+    m: nn.Module, call: _Call, tol: float, generator: torch.Generator, where: str = ""
+) -> _Outcome:
     if call.x is None:
         return _Outcome("not verified", "its input is not a floating-point tensor")
     per_call = [k for k in ("mask", "groups", "stats_input") if call.kwargs.get(k) is not None]
@@ -333,7 +435,9 @@ def _check_call(m: nn.Module, call: _Call, tol: float, generator: torch.Generato
         return _Outcome("not verified", f"called with {names} (a per-call statistics set)")
     y = call.y
     if not isinstance(y, Tensor) or y.shape != call.x.shape:
-        return _Outcome("not verified", "its output is not a tensor of the input's shape")
+        return _Outcome(
+            "not verified", "its output is not a tensor of the input's shape", output_differs=True
+        )
     if not y.requires_grad:
         return _Outcome("not verified", "its output carries no gradient (forward under no_grad?)")
     world = _sync_world(m, call.training)
@@ -353,11 +457,12 @@ def _check_call(m: nn.Module, call: _Call, tol: float, generator: torch.Generato
     claimed = _flags(m) if batch else (False, False)
     out_diff, grad_diff = compare(*claimed)
     diff = max(out_diff, grad_diff)
-    used = "batch statistics" if batch else "running statistics"
+    used = ("batch statistics" if batch else "running statistics") + where
     if diff <= tol:
         return _Outcome("ok", f"{used}, max diff {diff:.1e}", diff)
     if out_diff > tol:
-        return _Outcome("fail", f"{used}: output differs from the formula by {out_diff:.1e}", diff)
+        text = f"{used}: output differs from the formula by {out_diff:.1e}"
+        return _Outcome("fail", text, diff, output_differs=True)
     if not batch:
         return _Outcome("fail", f"{used}: input gradient differs by {grad_diff:.1e}", diff)
     matches = [name for flags, name in GRADIENT_MODES.items() if compare(*flags)[1] <= tol]
@@ -366,10 +471,34 @@ def _check_call(m: nn.Module, call: _Call, tol: float, generator: torch.Generato
     return _Outcome("fail", text, diff)
 
 
-def _verify(m: nn.Module, calls: list[_Call], tol: float, generator: torch.Generator) -> _Outcome:
+def _verify(
+    m: nn.Module,
+    calls: list[_Call],
+    inner: list[_Call] | None,
+    tol: float,
+    generator: torch.Generator,
+) -> _Outcome:
+    """The layer's outcome from its calls; ``inner``: the batch-norm calls made in the ``forward`` of a
+    layer that has its own (None for torch's and flexbn's classes, whose output must be batch norm).
+    Such a layer is checked at those calls; without any, by its output where that is batch norm of its
+    input (a gradient that differs then fails), else it is not verified."""
     if not calls:
         return _Outcome("not verified", "not called by the forward")
-    outcomes = [_check_call(m, call, tol, generator) for call in calls]
+    if (
+        inner
+    ):  # a forward of its own, which may add to its batch norm: check the batch norm it calls
+        where = " at its batch_norm call"
+        outcomes = [_check_call(m, call, tol, generator, where) for call in inner]
+        calls = inner
+    else:
+        outcomes = [_check_call(m, call, tol, generator) for call in calls]
+    if inner is not None and not inner and any(o.output_differs for o in outcomes):
+        return _Outcome(
+            "not verified",
+            "its forward returns more than batch norm of its input and makes no batch-norm call "
+            "the audit can check (torch.nn.functional.batch_norm with the layer's parameters, or "
+            "flexbn's forward)",
+        )
     rank = {"fail": 0, "not verified": 1, "ok": 2}
     worst = min(outcomes, key=lambda o: (rank[o.status], -(o.diff or 0.0)))
     if len(calls) > 1:
@@ -392,6 +521,26 @@ def _check_shape(input_shape: object) -> tuple[int, ...]:
             f"{input_shape!r}"
         )
     return tuple(input_shape)
+
+
+def _copy(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A deep copy of ``model`` in ``dtype``; a lazy module's uninitialized tensors are copied as new
+    uninitialized ones (deepcopy refuses them), so the audited forward materializes them in the copy."""
+    memo: dict[int, Any] = {}
+    for t in (*model.parameters(), *model.buffers()):
+        if nn.parameter.is_lazy(t):
+            kind = type(t)
+            memo[id(t)] = kind(requires_grad=t.requires_grad, device=t.device, dtype=t.dtype)
+    try:
+        return copy.deepcopy(model, memo).to(dtype)
+    except Exception as exc:
+        raise AuditError(
+            f"could not copy the model to {dtype}: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _cuda_devices(model: nn.Module) -> list[int]:
+    return sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
 
 
 def _device(model: nn.Module) -> torch.device:
@@ -434,35 +583,26 @@ def audit(
         raise ValueError(f"dtype must be torch.float64 or torch.float32, but got {dtype!r}")
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise TypeError(f"seed must be an int, but got {type(seed).__name__}")
-    lazy = [
-        name or "(model)"
-        for name, m in model.named_modules()
-        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
-    ]
-    if lazy:
-        raise AuditError(
-            f"the model has uninitialized lazy modules ({', '.join(lazy[:5])}), which cannot be copied: "
-            "run one forward pass on a sample input before auditing it (e.g. in the factory)"
-        )
-    try:
-        work = copy.deepcopy(model).to(dtype)
-    except Exception as exc:
-        raise AuditError(
-            f"could not copy the model to {dtype}: {type(exc).__name__}: {exc}"
-        ) from exc
+    work = _copy(model, dtype)
     work.train(mode == "train")
     device = _device(work)
     generator = torch.Generator(device=device).manual_seed(seed)
     layers = [(name, m) for name, m in work.named_modules() if isinstance(m, _bn_types())]
     calls: dict[nn.Module, list[_Call]] = {m: [] for _, m in layers}
+    inner: dict[nn.Module, list[_Call] | None] = {m: None for _, m in layers}
     handles = []
     for _, m in layers:
         pre_hook, hook = _record(calls[m])
         handles.append(m.register_forward_pre_hook(pre_hook, with_kwargs=True))
         handles.append(m.register_forward_hook(hook, with_kwargs=True))
+        if _has_own_forward(m):
+            inner[m] = []
+            _observe(m, inner[m])  # type: ignore[arg-type]
     x = torch.randn(shape, generator=generator, dtype=dtype, device=device)
     try:
-        with torch.enable_grad():
+        # Dropout and lazy modules' initialization draw from the seed, not from the caller's generator.
+        with torch.enable_grad(), torch.random.fork_rng(devices=_cuda_devices(work)):
+            torch.manual_seed(seed)
             work(x)
     except Exception as exc:
         raise AuditError(
@@ -475,7 +615,7 @@ def audit(
     rows = []
     with torch.enable_grad():
         for name, m in layers:
-            outcome = _verify(m, calls[m], TOLERANCE[dtype], generator)
+            outcome = _verify(m, calls[m], inner[m], TOLERANCE[dtype], generator)
             rows.append(
                 AuditRow(
                     name=name or "(model)",
@@ -576,9 +716,12 @@ def _import(module: str) -> Any:
             sys.path.remove(os.getcwd())
 
 
-def load_model(spec: str) -> nn.Module:
+def load_model(
+    spec: str, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None
+) -> nn.Module:
     """The model named by ``"MODULE:FACTORY"``: ``FACTORY`` (a dotted attribute of ``MODULE``) called
-    with no arguments must return an ``nn.Module``; an ``nn.Module`` instance is taken as it is.
+    with ``args`` and ``kwargs`` must return an ``nn.Module``; an ``nn.Module`` instance is taken as it is
+    (and takes no arguments).
     ``MODULE`` is a dotted module importable from the current directory or ``sys.path``, or a path to a
     ``.py`` file (imported under a private name, with its directory on ``sys.path`` while it runs).
     Raises :class:`AuditError` with what went wrong.
@@ -587,7 +730,11 @@ def load_model(spec: str) -> nn.Module:
         >>> from flexbn.audit import load_model
         >>> load_model("torch.nn:Identity")
         Identity()
+        >>> load_model("torch.nn:BatchNorm1d", (4,), {"momentum": None})
+        BatchNorm1d(4, eps=1e-05, momentum=None, affine=True, bias=True, track_running_stats=True)
     """
+    kwargs = kwargs or {}
+    call = _format_call(spec, args, kwargs)
     module_name, sep, factory_name = spec.rpartition(":")
     if not sep or not module_name or not factory_name:
         raise AuditError(
@@ -607,6 +754,8 @@ def load_model(spec: str) -> nn.Module:
             )
         obj = getattr(obj, part)
     if isinstance(obj, nn.Module):
+        if args or kwargs:
+            raise AuditError(f"{spec} is an nn.Module instance: it takes no factory arguments")
         return obj
     if not callable(obj):
         raise AuditError(
@@ -614,14 +763,53 @@ def load_model(spec: str) -> nn.Module:
             "class returning a torch.nn.Module"
         )
     try:
-        model = obj()
+        model = obj(*args, **kwargs)
     except Exception as exc:
-        raise AuditError(f"calling {spec}() failed: {type(exc).__name__}: {exc}") from exc
+        raise AuditError(f"calling {call} failed: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise AuditError(
             f"factory {spec!r} must return a torch.nn.Module, but returned {type(model).__name__}"
         )
     return model
+
+
+def _format_call(spec: str, args: Sequence[Any], kwargs: dict[str, Any]) -> str:
+    parts = [*map(repr, args), *(f"{k}={v!r}" for k, v in kwargs.items())]
+    return f"{spec}({', '.join(parts)})"
+
+
+def parse_factory_args(words: Sequence[str]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The factory arguments of the command line: ``NAME=VALUE`` is a keyword argument, any other word a
+    positional one; each value is a Python literal (``10``, ``0.5``, ``False``, ``None``, ``(3, 4)``,
+    ``'a=b'``) or else the word itself as a string. Positional arguments come first.
+
+    Example:
+        >>> from flexbn.audit import parse_factory_args
+        >>> parse_factory_args(["resnet18", "num_classes=10", "pretrained=False", "act='relu'"])
+        (('resnet18',), {'num_classes': 10, 'pretrained': False, 'act': 'relu'})
+    """
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for word in words:
+        name, sep, text = word.partition("=")
+        if sep and name.isidentifier():
+            if name in kwargs:
+                raise AuditError(f"factory argument {name!r} given twice")
+            kwargs[name] = _literal(text)
+        elif kwargs:
+            raise AuditError(
+                f"positional factory argument {word!r} after keyword arguments (give NAME=VALUE last)"
+            )
+        else:
+            args.append(_literal(word))
+    return tuple(args), kwargs
+
+
+def _literal(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return text
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -656,7 +844,14 @@ def add_parser(sub: Any) -> None:
         "target",
         metavar="MODULE:FACTORY",
         help="dotted module (importable from the current directory) or path to a .py file, and a "
-        "callable in it returning a torch.nn.Module (called with no arguments)",
+        "callable in it returning a torch.nn.Module",
+    )
+    p.add_argument(
+        "factory_args",
+        nargs="*",
+        metavar="ARG",
+        help="arguments of FACTORY: NAME=VALUE for a keyword argument, else positional; values are "
+        "Python literals, or strings (e.g. timm:create_model resnet18 num_classes=10)",
     )
     p.add_argument(
         "--input-shape",
@@ -676,7 +871,8 @@ def run_cli(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     stdout = stdout or sys.stdout
     dtype = getattr(torch, args.dtype)
     try:
-        model = load_model(args.target)
+        fargs, fkwargs = parse_factory_args(args.factory_args)
+        model = load_model(args.target, fargs, fkwargs)
         rows = audit(model, args.input_shape, mode=args.mode, dtype=dtype, seed=args.seed)
     except AuditError as exc:
         print(f"flexbn audit: error: {exc}", file=sys.stderr)
@@ -685,6 +881,8 @@ def run_cli(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
     if args.json:
         doc = {
             "model": args.target,
+            "factory_args": list(fargs),
+            "factory_kwargs": fkwargs,
             "class": type(model).__name__,
             "input_shape": list(args.input_shape),
             "mode": args.mode,
@@ -695,8 +893,9 @@ def run_cli(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
         print(json.dumps(doc, indent=2), file=stdout)
         return 1 if failed else 0
     shape = ",".join(map(str, args.input_shape))
+    target = _format_call(args.target, fargs, fkwargs) if fargs or fkwargs else args.target
     print(
-        f"flexbn audit: {args.target} -> {type(model).__name__}, input ({shape}) {args.dtype}, "
+        f"flexbn audit: {target} -> {type(model).__name__}, input ({shape}) {args.dtype}, "
         f"{args.mode} mode\n",
         file=stdout,
     )

@@ -47,12 +47,26 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="small versions of the experiments (all of them in under a minute on 2 cores)",
     )
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot match `audit MODULE:FACTORY --input-shape ... ARG ...` (factory arguments after an
+    # option): the audit takes the words it left over, the other commands none.
+    if args.command == "audit" and not any(w.startswith("-") and not _number(w) for w in extra):
+        args.factory_args += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "audit":
         return audit.run_cli(args)
     if args.command == "bench":
         return bench.run_cli(args)
     return run(only=args.only, seed=args.seed, out=args.out, quick=args.quick)
+
+
+def _number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
 
 
 if __name__ == "__main__":  # pragma: no cover

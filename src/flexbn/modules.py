@@ -259,6 +259,12 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
             rep += f", virtual_batch_size={self.virtual_batch_size}"
         return rep + _renorm_repr(self)
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """For ``torch.jit.script``: torch's layer sharing this one's tensors, or a clear error."""
+        from .convert import prepare_scriptable
+
+        return prepare_scriptable(self)
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("detach_mean", False)
@@ -452,6 +458,14 @@ class _DomainBatchNorm(nn.Module):
                 ).unsqueeze(1)
         return _core.batch_norm(
             input, running_mean, running_var, self.weight, self.bias, momentum, plan
+        )
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        """For ``torch.jit.script``: one clear error (TorchScript cannot compile per-domain statistics)."""
+        raise ValueError(
+            f"torch.jit.script cannot compile flexbn.{type(self).__name__}: torch has no per-domain batch "
+            "norm for TorchScript to use (trace it in eval mode with torch.jit.trace, or use "
+            "torch.export or torch.compile)"
         )
 
     def extra_repr(self) -> str:
