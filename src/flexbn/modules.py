@@ -31,6 +31,7 @@ __all__ = [
 
 
 _torch_batch_norm = torch.nn.functional.batch_norm
+_get_backend = _core.backend.get_backend
 
 
 def _cumulative_factor(num_batches_tracked: Tensor, running_mean: Tensor | None) -> Tensor:
@@ -142,7 +143,8 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
             and mask is None
             and groups is None
             and stats_input is None
-        ):  # eval with running statistics: torch's own operator, bitwise
+            and _get_backend() == "auto"
+        ):  # eval with running statistics: torch's own operator, bitwise (the fastest)
             return _torch_batch_norm(
                 input,
                 self.running_mean,

@@ -29,6 +29,12 @@ __all__ = ["batch_norm", "batch_norm_functional"]
 
 _functorch = torch._C._functorch
 _flexbn_ops = torch.ops.flexbn
+
+TORCH_BELOW = 1 << 16
+"""Under ``auto``, a training batch with no flexbn option and fewer elements than this runs torch's own
+batch norm: its fixed cost per call is lower, and at this size the fixed cost is most of a call (measured
+in ``docs/benchmarks.md``). Eval with running statistics runs torch's always under ``auto``; an explicit
+backend runs flexbn's own implementation everywhere (except in graphs recorded for other tools)."""
 _ops_running_update = ops.running_update
 
 
@@ -92,9 +98,9 @@ def _run(
     transformed = _transformed(x, weight, bias, plan.stats_input, running_mean)
     name = "reference" if transformed else backend.get_backend()
     if plan.standard and in_place and not isinstance(momentum, Tensor):
-        on_torch = not plan.batch or transformed or torch.jit.is_tracing()
-        if not on_torch and name == "auto" and x.device.type != "cpu":
-            on_torch = True  # no flexbn kernels measured on this device: torch's own (cuDNN, ...)
+        on_torch = transformed or torch.jit.is_tracing()  # graphs that other tools can read
+        if not on_torch and name == "auto":  # the fastest: see TORCH_BELOW
+            on_torch = not plan.batch or x.device.type != "cpu" or x.numel() < TORCH_BELOW
         if on_torch:
             cudnn = torch.backends.cudnn.enabled
             y = torch.batch_norm(

@@ -38,6 +38,9 @@ _TORCH_DTYPE_NAMES = {
 }
 
 
+_RMAX, _DMAX = 3.0, 5.0  # the default renorm limits (validated when anything else is passed)
+
+
 class Plan(NamedTuple):
     """What one call computes (validated).
 
@@ -76,8 +79,8 @@ def build(
     stats_input: Tensor | None = None,
     process_group: Any = None,
     renorm: bool = False,
-    rmax: float | Tensor = 3.0,
-    dmax: float | Tensor = 5.0,
+    rmax: float | Tensor = _RMAX,
+    dmax: float | Tensor = _DMAX,
     domain: tuple[Tensor, int] | None = None,
 ) -> Plan:
     """Validate a call and describe it. ``domain``: ``(ids, num_domains)`` of a ``DomainBatchNorm``."""
@@ -106,6 +109,9 @@ def build(
     if detach_mean is not False or detach_var is not False:
         check_flag("detach_mean", detach_mean)
         check_flag("detach_var", detach_var)
+    defaults = type(rmax) is float and rmax == _RMAX and type(dmax) is float and dmax == _DMAX
+    if renorm is not False or not defaults:
+        check_renorm(renorm, rmax, dmax)
     options = (
         mask is not None
         or groups is not None
@@ -116,21 +122,23 @@ def build(
         or group is not None
     )
     if not options:
-        return Plan(
-            training, float(eps), detach_mean, detach_var, standard=not (detach_mean or detach_var)
-        )
+        # The detach flags change nothing out of training (the statistics are constants there).
+        standard = not training or not (detach_mean or detach_var)
+        return Plan(training, float(eps), detach_mean, detach_var, standard=standard)
     seg, counts_from = _segmentation(
         input, groups, virtual_batch_size, mask, domain, training=training, group=group
     )
     if stats_input is not None:
         check_stats_input(stats_input, input)
-    check_renorm(renorm, rmax, dmax)
     if renorm and training and (running_mean is None or running_var is None):
         raise ValueError(
             "renorm=True needs running statistics in training (its corrections compare the batch "
             "statistics with them), but got running_mean=None and running_var=None"
         )
     limits = (renorm_limit(rmax), renorm_limit(dmax)) if renorm and training else None
+    # Out of training only a mask (padding kept out of weight and bias gradients) and per-domain
+    # statistics change what is computed; the other options select batch statistics.
+    standard = not training and mask is None and domain is None
     return Plan(
         training,
         float(eps),
@@ -140,7 +148,7 @@ def build(
         stats_input if training else None,
         limits,
         counts_from if training else None,
-        standard=False,
+        standard=standard,
     )
 
 
