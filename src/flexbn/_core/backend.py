@@ -5,15 +5,16 @@
   input, each a separate torch kernel.
 * ``cpp``: hand-written C++/OpenMP kernels for CPU tensors (``kernels.cpp``): one pass for the statistics,
   one for the output, and two for the backward, for every statistics set, gradient mode and memory layout.
-  Built once per machine with the system C++ compiler (2 to 3 s) and cached on disk
-  (``kernels.cache_dir()``); later processes load the built library.
+  Built at install time (one library per x86-64 level), else once per machine at first use with the
+  system C++ compiler and cached on disk (``native``).
 * ``compiled``: the reference functions compiled by ``torch.compile`` (Inductor: C++/OpenMP loops on CPU,
   Triton on CUDA). Each configuration (dtype, rank, memory layout, options, statistics set) compiles
   separately, seconds at its first call (Inductor caches the generated code on disk).
-* ``auto`` (the default): ``cpp`` for CPU tensors where the kernels can be built, else ``reference`` (said
-  once at debug level on the ``flexbn`` logger). CUDA tensors run the reference too: ``compiled`` (Triton)
-  has never been measured on a GPU here, so it is not chosen for anyone until it is; ask for it explicitly
-  (its compilation errors then reach the caller).
+* ``auto`` (the default): ``cpp`` for CPU tensors where the kernels can be obtained, else ``reference``
+  (with a ``UserWarning`` once, naming the reason and the fix; ``flexbn.backend_info()`` says which runs).
+  CUDA tensors run the reference too: ``compiled`` (Triton) has never been measured on a GPU here, so it
+  is not chosen for anyone until it is; ask for it explicitly (its compilation errors then reach the
+  caller).
 
 ``flexbn.set_backend(name)`` or the environment variable ``FLEXBN_BACKEND`` choose; explicitly asking for a
 backend that cannot run here raises. Whatever the choice, the reference runs where a fast path cannot help
@@ -188,7 +189,10 @@ def _choose(args: tuple[Any, ...]) -> str:
 @functools.cache
 def _log_once(device: str) -> None:
     if device == "cpu":
-        why = _kernels().why_not() or "unsupported tensors"
+        why = _kernels().why_not()
+        if why:  # a silent slow path otherwise: say so once, with the fix
+            _kernels().native.warn_unavailable(why)
+        why = why or "unsupported tensors"
     else:
         why = "no fast path measured on this device; flexbn.set_backend('compiled') to try Inductor"
     _log.debug("flexbn: reference backend on %s (%s)", device, why)

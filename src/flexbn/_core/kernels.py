@@ -63,9 +63,9 @@ class _Geo:
             self.c,
             self.l,
             self.layout,
-            _ptr(self.ids),
+            self.ids,
             self.g,
-            _ptr(self.mask),
+            self.mask,
             torch.get_num_threads(),
         ]
 
@@ -98,10 +98,6 @@ def _tiled(t: Tensor | None, k: int) -> Tensor | None:
     return t if t is None or k == 1 else t.reshape(1, -1).repeat(1, k)
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def supports(*tensors: Tensor) -> bool:
     """Whether the kernels take a call on these tensors (the input first): all on the CPU, strided, plain
     tensors or parameters (not subclasses such as fake or functorch tensors, nor negated views), the input
@@ -129,9 +125,7 @@ def moments(x: Tensor, seg: stats.Segments = stats.WHOLE) -> stats.Moments:
     count = torch.empty(geo.g, dtype=torch.float64)
     mean = torch.empty(geo.g, geo.c, dtype=torch.float64)
     m2 = torch.empty(geo.g, geo.c, dtype=torch.float64)
-    native.call(
-        "moments", cdt, xk.data_ptr(), *geo.args(), count.data_ptr(), mean.data_ptr(), m2.data_ptr()
-    )
+    native.call("moments", cdt, xk, *geo.args(), count, mean, m2)
     shift = mean.to(cdt)
     delta = (mean - shift.double()).to(cdt)
     var = (m2 / count.clamp_min(1).unsqueeze(1)).to(cdt)
@@ -157,7 +151,7 @@ def normalize(
     flat, tile = geo.elementwise()
     tables = [_tiled(geo.param(t, cdt), tile) for t in (shift, delta, scale, bias)]
     y = torch.empty_like(xk, memory_format=geo.format)
-    native.call("normalize", cdt, xk.data_ptr(), y.data_ptr(), *flat, *map(_ptr, tables))
+    native.call("normalize", cdt, xk, y, *flat, *tables)
     return y.to(x.dtype)
 
 
@@ -198,8 +192,7 @@ def backward_formula(
     if need_sum_g or need_sum_gxmu or synced:
         sg = torch.empty(geo.g, geo.c, dtype=torch.float64)
         sgx = torch.empty_like(sg)
-        args = [gk.data_ptr(), xk.data_ptr(), _ptr(shift_t), *geo.args()]
-        native.call("sums", cdt, *args, sg.data_ptr(), sgx.data_ptr())
+        native.call("sums", cdt, gk, xk, shift_t, *geo.args(), sg, sgx)
         if delta is not None:
             sgx = sgx - delta.double() * sg
         if seg.ids is None:
@@ -237,7 +230,7 @@ def backward_formula(
         s_ = shift_t if b_ is not None else None
         args = [_tiled(a_, tile), u, _tiled(b_, tile), v if b_ is not None else None]
         args += [_tiled(s_, tile), _tiled(d_, tile)]
-        native.call("apply", cdt, *map(_ptr, args), out.data_ptr(), *flat)
+        native.call("apply", cdt, *args, out, *flat)
         return out.to(like.dtype).contiguous(memory_format=_memory_format(like))
 
     grad_input = grad_z = None
