@@ -1,5 +1,6 @@
-"""The backend choice (auto / reference / cpp / compiled), the C++ kernels' build, cache and fallbacks, and
-the compiled path's equality with the reference.
+"""The backend choice (auto / reference / cpp / compiled), which calls the C++ kernels take, and the
+compiled path's equality with the reference. How the kernels are obtained and called safely:
+``test_native.py``; their accuracy at every size threshold: ``test_kernel_thresholds.py``.
 
 Every other test runs on both the reference and the C++ kernels (``conftest.BACKEND_PARAMS``). Compiling
 with Inductor is slow on a 2-core machine, so the compiled path is checked on a handful of representative
@@ -8,7 +9,6 @@ configurations -- each a different set of fused kernels -- rather than the whole
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -108,19 +108,6 @@ def test_kernels_leave_transforms_to_the_reference(monkeypatch: pytest.MonkeyPat
     assert not calls
 
 
-def test_cpp_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Explicit cpp without a compiler raises (saying why); auto falls back to the reference."""
-    monkeypatch.setattr(backend, "cpp_available", lambda: False)
-    monkeypatch.setattr(kernels, "why_not", lambda: "no C++ compiler found (set $CXX)")
-    with pytest.raises(RuntimeError, match=r"'cpp' is unavailable here: no C\+\+ compiler"):
-        flexbn.set_backend("cpp")
-    calls = _count_kernel_calls(monkeypatch)
-    with flexbn.use_backend("auto"):
-        y = flexbn.batch_norm(torch.randn(4, 3), None, None, training=True)
-    assert y.shape == (4, 3)
-    assert not calls
-
-
 @needs_kernels
 def test_cpp_on_other_devices_raises() -> None:
     with (
@@ -137,68 +124,6 @@ def test_kernels_check_segment_ids() -> None:
     seg = stats.Segments(ids=torch.tensor([0, 1, 2, 5]), num=3, counts=torch.ones(3, 1))
     with pytest.raises(ValueError, match=r"segment ids must lie in \[0, number of segments\)"):
         kernels.moments(x, seg)
-
-
-@needs_kernels
-def test_kernel_build_is_cached_across_processes(tmp_path) -> None:
-    """The first process builds the library into the cache directory (and reports the time); the next
-    loads it."""
-    env = {**os.environ, "FLEXBN_CACHE_DIR": str(tmp_path)}
-    code = (
-        "import json, torch, flexbn\n"
-        "from flexbn._core import kernels\n"
-        "flexbn.set_backend('cpp'); flexbn.batch_norm(torch.randn(4, 3), None, None, training=True)\n"
-        "print(json.dumps(kernels.build_info()))"
-    )
-    runs = [
-        json.loads(
-            subprocess.run(
-                [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-            ).stdout
-        )
-        for _ in range(2)
-    ]
-    assert [r["cached"] for r in runs] == [False, True]
-    assert runs[0]["seconds"] > 0
-    assert runs[1]["seconds"] == 0
-    assert runs[0]["path"] == runs[1]["path"]
-    assert runs[0]["path"].startswith(str(tmp_path))
-
-
-@needs_kernels
-@pytest.mark.parametrize(
-    ("shape", "channels_last", "groups"),
-    [
-        pytest.param((64, 40, 3, 5), True, 64, id="channels_last-rows-per-thread"),
-        pytest.param((2048, 520, 1, 2), True, 2048, id="channels_last-many-segments-channel-split"),
-        pytest.param((40, 1, 9, 9), False, 5, id="NCHW-one-channel"),
-        pytest.param((33, 70), False, 1, id="NC-one-segment"),
-    ],
-)
-def test_kernels_thread_splits(shape, channels_last, groups) -> None:
-    """The kernels' two ways of sharing work between threads (rows with per-thread tables, or channel
-    slices when the tables would be large) against a float64 recomputation, with a large mean."""
-    torch.set_num_threads(2)
-    gen = torch.Generator().manual_seed(1)
-    x = (torch.randn(shape, generator=gen) * 0.1 + 1e3).requires_grad_()
-    if channels_last:
-        x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-    ids = torch.arange(shape[0]) * groups // shape[0]
-    g = torch.randn(shape, generator=gen)
-    with flexbn.use_backend("cpp"):
-        y = flexbn.batch_norm(x, None, None, training=True, groups=ids if groups > 1 else None)
-    (gx,) = torch.autograd.grad(y, x, g)
-    xd = x.detach().double().requires_grad_()
-    parts = []
-    for k in range(groups):
-        part = xd[ids == k]
-        dims = (0, *range(2, xd.dim()))
-        var, mean = torch.var_mean(part, dims, correction=0, keepdim=True)
-        parts.append((part - mean) / torch.sqrt(var + 1e-5))
-    ref = torch.cat(parts)
-    (gref,) = torch.autograd.grad(ref, xd, g.double())
-    torch.testing.assert_close(y.double(), ref, atol=2e-4, rtol=0)
-    torch.testing.assert_close(gx.double(), gref, atol=2e-3, rtol=1e-3)
 
 
 def test_explicit_compiled_without_compiler_raises(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -347,28 +272,6 @@ def test_negated_views_are_read_as_their_values() -> None:
         y = flexbn.batch_norm(neg, None, None, training=True)
         expected = flexbn.batch_norm(neg.resolve_neg(), None, None, training=True)
     assert_close(y, expected)
-
-
-@needs_kernels
-def test_unwritable_cache_falls_back(tmp_path) -> None:
-    """Where the kernels cannot be built (here: the cache directory is a file), auto runs the reference
-    and says why at debug level; asking for cpp raises with the reason."""
-    blocker = tmp_path / "not-a-directory"
-    blocker.write_text("")
-    env = {**os.environ, "FLEXBN_CACHE_DIR": str(blocker / "cache"), "FLEXBN_BACKEND": "auto"}
-    code = (
-        "import torch, flexbn\n"
-        "y = flexbn.batch_norm(torch.randn(6, 3), None, None, training=True)\n"
-        "try:\n"
-        "    flexbn.set_backend('cpp')\n"
-        "except RuntimeError as e:\n"
-        "    print('raised:', e)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert "raised: flexbn backend 'cpp' is unavailable here: building flexbn's kernels failed" in (
-        done.stdout
-    )
 
 
 def test_auto_leaves_other_devices_to_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
