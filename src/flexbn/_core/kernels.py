@@ -9,7 +9,7 @@ Statistics are sums of deviations from a shift kept near each mean, merged in fl
 the mean. The library shares torch's OpenMP runtime (the same ``libgomp``) and uses
 ``torch.get_num_threads()`` threads.
 
-The library is obtained by ``native`` (built once per machine, cached on disk). float16 and
+The library is obtained by ``native`` (built at install time, else at first use). float16 and
 bfloat16 input is upcast to float32 first, as the reference does.
 """
 
