@@ -297,6 +297,8 @@ def _shipped() -> _Kernels:
         except AttributeError:
             raise Unavailable(f"{baseline} is not flexbn's kernel library") from None
         fits = [t for n, t in _build.X86_LEVELS.items() if n <= level and t in present]
+        if not fits:
+            raise Unavailable(f"no shipped library fits this processor (x86-64 level {level})")
         target = fits[0]
     path = present[target]
     lib = _open(path)
