@@ -11,6 +11,7 @@ torch.Size([4, 16, 8, 8])
 
 from . import func
 from ._core.backend import BACKENDS, get_backend, set_backend, use_backend
+from ._core.native import backend_info
 from .convert import convert, convert_to_torch
 from .distributed import SyncBatchNorm
 from .fold import fold, fuse_modules
@@ -37,6 +38,7 @@ __all__ = [
     "DomainBatchNorm3d",
     "SyncBatchNorm",
     "__version__",
+    "backend_info",
     "batch_norm",
     "convert",
     "convert_to_torch",

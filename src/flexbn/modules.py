@@ -31,7 +31,7 @@ __all__ = [
 
 
 _torch_batch_norm = torch.nn.functional.batch_norm
-_get_backend = _core.backend.get_backend
+_get_backend = _core.backend.requested
 
 
 def _cumulative_factor(num_batches_tracked: Tensor, running_mean: Tensor | None) -> Tensor:

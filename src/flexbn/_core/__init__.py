@@ -96,11 +96,16 @@ def _run(
     if bias is not None and bias.dim() != 1 and seg.ids is None:
         bias = bias.reshape(-1)
     transformed = _transformed(x, weight, bias, plan.stats_input, running_mean)
-    name = "reference" if transformed else backend.get_backend()
+    name = "reference" if transformed else backend.requested()
     if plan.standard and in_place and not isinstance(momentum, Tensor):
         on_torch = transformed or torch.jit.is_tracing()  # graphs that other tools can read
         if not on_torch and name == "auto":  # the fastest: see TORCH_BELOW
-            on_torch = not plan.batch or x.device.type != "cpu" or x.numel() < TORCH_BELOW
+            on_torch = (
+                not plan.batch
+                or x.device.type != "cpu"
+                or x.numel() < TORCH_BELOW
+                or not backend.cpp_available()
+            )
         if on_torch:
             cudnn = torch.backends.cudnn.enabled
             y = torch.batch_norm(

@@ -3,12 +3,16 @@
 * ``reference``: plain torch (``reference.py``). Always available; several torch kernels per operation.
 * ``cpp``: hand-written C++/OpenMP kernels for CPU tensors (``kernels.cpp``): one pass for the statistics,
   one for the output, two for the backward, for every statistics set, gradient mode and memory layout.
-  Built once per machine with the system C++ compiler and cached on disk (``native``).
+  Built at install time (one library per x86-64 level), else once per machine at first use with the
+  system C++ compiler and cached on disk (``native``).
 * ``compiled``: the reference operations compiled by ``torch.compile`` (Inductor: C++/OpenMP loops on CPU,
   Triton on CUDA), one compiled copy per configuration, seconds at its first call.
-* ``auto`` (the default): ``cpp`` for CPU tensors where the kernels can be built, else ``reference``. CUDA
-  tensors get the reference: ``compiled`` (Triton) has not been measured on a GPU, so it is no one's
-  default until it is; ask for it explicitly.
+* ``auto`` (the default): the fastest measured. torch's own batch norm wherever it computes what flexbn
+  would (eval with running statistics; small training batches without flexbn options, where the fixed
+  cost per call decides; devices without flexbn kernels), else ``cpp`` for CPU tensors where the kernels
+  can be obtained (if they cannot: ``reference``, with a ``UserWarning`` once naming the reason and the
+  fix; ``flexbn.backend_info()`` says which runs). CUDA tensors with flexbn options get the reference:
+  ``compiled`` (Triton) has not been measured on a GPU, so it is no one's default until it is.
 
 The choice: :func:`use_backend` (a ``with`` block, for the current thread or task: a ``ContextVar``), else
 :func:`set_backend` (the process), else the environment variable ``FLEXBN_BACKEND``, else ``auto``. It is
@@ -68,12 +72,21 @@ def _check_name(name: object) -> str:
 
 def get_backend() -> str:
     """The selected backend: :func:`use_backend`'s, else :func:`set_backend`'s, else
-    ``$FLEXBN_BACKEND`` (read when first needed, and again after ``set_backend(None)``), else ``"auto"``.
+    ``$FLEXBN_BACKEND``, else ``"auto"``. (Batch-norm calls read the environment variable once, at first
+    need, and again after this function or ``set_backend(None)`` runs.)
 
     >>> import flexbn
     >>> flexbn.get_backend() in flexbn.BACKENDS
     True
     """
+    _environment.clear()  # read afresh here (calls read it once: see requested)
+    return requested()
+
+
+def requested() -> str:
+    """:func:`get_backend` for every call of the core: ``$FLEXBN_BACKEND`` is read once, at first need
+    (again after :func:`get_backend` or ``set_backend(None)``), so each call costs a context-variable
+    lookup."""
     name = _context.get()
     if name is not None:
         return name
@@ -206,7 +219,10 @@ def implementation(name: str, *tensors: Tensor | None) -> Any:
 @functools.cache
 def _log_once(device: str) -> None:
     if device == "cpu":
-        why = _kernels().why_not() or "unsupported tensors"
+        why = _kernels().why_not()
+        if why:  # a silent slow path otherwise: say so once, with the fix
+            _kernels().native.warn_unavailable(why)
+        why = why or "unsupported tensors"
     else:
         why = "no fast path measured on this device; flexbn.set_backend('compiled') to try Inductor"
     _log.debug("flexbn: reference backend on %s (%s)", device, why)

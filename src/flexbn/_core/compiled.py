@@ -87,9 +87,36 @@ def _compiled(fn: Callable[..., Any]) -> Callable[..., Any]:
     return run
 
 
+_moments = _compiled(reference.moments)
+_normalize = _compiled(reference.normalize)
+
+
+def _forward(
+    x: Tensor,
+    source: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running: tuple[Tensor, Tensor] | None,
+    momentum: float | Tensor,
+    eps: float,
+    seg: Any,
+    check: int,
+) -> tuple[Tensor | None, Any]:
+    """``reference.forward`` with its passes compiled (the count check and the update run eagerly)."""
+    m = _moments(source, seg)
+    if check:
+        lonely = (m.count <= 1) & (m.count > 0) if check == 2 else m.count <= 1
+        if bool(lonely.any()):
+            return None, m
+    if running is not None:
+        reference.running_update(*running, m, momentum)
+    return _normalize(x, weight, bias, m, eps, seg), m
+
+
 BACKEND = types.SimpleNamespace(
-    moments=_compiled(reference.moments),
-    normalize=_compiled(reference.normalize),
+    forward=_forward,
+    moments=_moments,
+    normalize=_normalize,
     running_update=reference.running_update,
     backward_sums=_compiled(reference.backward_sums),
     backward=_compiled(reference.backward),

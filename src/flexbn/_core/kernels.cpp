@@ -1,8 +1,11 @@
 // flexbn's CPU kernels: the four passes of batch norm over a segmented batch, for float and double.
 //
-// Built at first use by flexbn/_core/kernels.py with the system C++ compiler (OpenMP, -O3, the host's
-// vector instructions), cached on disk, and called through ctypes with raw pointers: no torch headers,
-// seconds to build. Every function returns 0, or -1 when a segment id is out of range.
+// Plain C entry points called through ctypes with raw pointers (no Python or torch headers). Built at
+// install time by setup.py, once per x86-64 level (the loader picks the best one the processor supports),
+// or at run time by flexbn/_core/native.py for this machine when none fits (both with _build.py's flags).
+// Every entry point returns 0, -1 when a segment id is out of range, -2 when a work table cannot be
+// allocated, -3 on any other C++ exception, -4 on invalid arguments; flexbn_last_error() says more. No
+// exception crosses the C boundary, and none leaves an OpenMP region (see parallel()).
 //
 // Geometry shared by every kernel. The input is viewed either as
 //   NCL: x[n][c][l] (contiguous tensors of rank >= 3), or
@@ -15,14 +18,18 @@
 // fraction of a standard deviation of the mean, merged in double with Chan's formulas (see moments
 // below), so nothing is formed as E[x^2] - E[x]^2. Sums run in the input's precision over at most FLUSH
 // values per vector lane, then in double. Threads split channels or rows in a fixed way and merge in a
-// fixed order: results do not depend on timing, only on the thread count.
+// fixed order: results do not depend on timing, only on the thread count -- not on the instruction set
+// either (sums keep a fixed number of lanes whatever the vector width; no fused multiply-adds).
 
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
+#include <exception>
+#include <new>
 #include <vector>
 
 namespace {
@@ -75,7 +82,7 @@ struct Bits<double> {
 template <class T>
 inline T keep_if(T v, u8 keep) {
   using U = typename Bits<T>::type;
-  const U lanes = U(0) - static_cast<U>(keep);  // 0 or all ones (mask bytes are 0 or 1)
+  const U lanes = U(0) - static_cast<U>(keep);  // 0 or all ones (mask bytes are 0 or 1: see mask01)
   U u;
   std::memcpy(&u, &v, sizeof u);
   u &= lanes;
@@ -85,6 +92,29 @@ inline T keep_if(T v, u8 keep) {
 
 int threads_for(i64 work, int threads) {
   return static_cast<int>(std::max<i64>(1, std::min<i64>(threads, work)));
+}
+
+// body(t, team) on an OpenMP team of up to `threads` threads; returns the team's size (it may be smaller
+// than asked: OMP_THREAD_LIMIT, nesting). An exception cannot leave an OpenMP region (the process would
+// terminate): the first one thrown by any thread (std::bad_alloc for a per-thread table) is rethrown
+// here once the team has joined, and the entry points turn it into an error code.
+template <class Body>
+int parallel(int threads, Body&& body) {
+  std::exception_ptr error;
+  int team = 1;
+#pragma omp parallel num_threads(threads)
+  {
+    const int t = omp_get_thread_num(), size = omp_get_num_threads();
+    if (t == 0) team = size;
+    try {
+      body(t, size);
+    } catch (...) {
+#pragma omp critical(flexbn_error)
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
+  return team;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -104,13 +134,15 @@ constexpr i64 LANES = 64;  // bytes of independent accumulators in a masked redu
 
 template <class T>
 inline void shifted_sums(const T* v, const u8* m, i64 len, T K, double& s1, double& s2) {
+  // Explicit lanes, masked or not: a fixed summation order whatever the vector width (the libraries
+  // built for each x86-64 level give identical results), and GCC reduces a masked sum in order
+  // otherwise, one value at a time.
+  constexpr int W = LANES / sizeof(T);
   for (i64 l0 = 0; l0 < len; l0 += FLUSH) {
     const i64 e = std::min(len, l0 + FLUSH);
-    T a1 = 0, a2 = 0;
-    if (m) {  // explicit lanes: GCC reduces a masked sum in order otherwise, one value at a time
-      constexpr int W = LANES / sizeof(T);
-      T p1[W] = {}, p2[W] = {};
-      i64 l = l0;
+    T p1[W] = {}, p2[W] = {};
+    i64 l = l0;
+    if (m) {
       for (; l + W <= e; l += W) {
 #pragma omp simd
         for (int j = 0; j < W; ++j) {
@@ -119,22 +151,25 @@ inline void shifted_sums(const T* v, const u8* m, i64 len, T K, double& s1, doub
           p2[j] += d * d;
         }
       }
-      for (int j = 0; j < W; ++j) {
-        a1 += p1[j];
-        a2 += p2[j];
-      }
-      for (; l < e; ++l) {
-        const T d = keep_if(v[l] - K, m[l]);
-        a1 += d;
-        a2 += d * d;
-      }
     } else {
-#pragma omp simd reduction(+ : a1, a2)
-      for (i64 l = l0; l < e; ++l) {
-        const T d = v[l] - K;
-        a1 += d;
-        a2 += d * d;
+      for (; l + W <= e; l += W) {
+#pragma omp simd
+        for (int j = 0; j < W; ++j) {
+          const T d = v[l + j] - K;
+          p1[j] += d;
+          p2[j] += d * d;
+        }
       }
+    }
+    T a1 = 0, a2 = 0;
+    for (int j = 0; j < W; ++j) {
+      a1 += p1[j];
+      a2 += p2[j];
+    }
+    for (; l < e; ++l) {
+      const T d = m ? keep_if(v[l] - K, m[l]) : v[l] - K;
+      a1 += d;
+      a2 += d * d;
     }
     s1 += a1;
     s2 += a2;
@@ -189,9 +224,7 @@ void moments_ncl(const T* x, const Geo& g, double* count, double* mean, double* 
   std::vector<T> shift(G * C);
   std::fill(count, count + G, 0.0);
   for (i64 n = 0; n < N; ++n) count[seg_of(g, n)] += kept[n];
-#pragma omp parallel num_threads(threads_for(C, g.threads))
-  {
-    const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
+  parallel(threads_for(C, g.threads), [&](int t, int T_) {
     const i64 c0 = C * t / T_, c1 = C * (t + 1) / T_;
     std::vector<double> seen(G, 0.0);
     for (i64 n = 0; n < N; ++n) {
@@ -211,7 +244,7 @@ void moments_ncl(const T* x, const Geo& g, double* count, double* mean, double* 
       }
       seen[s] += k;
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -464,31 +497,25 @@ void moments_nlc(const T* x, const Geo& g, double* count, double* mean, double* 
     // Channel slices of at least 16 values (a cache line of floats) per thread.
     const int ct = threads_for((C + 15) / 16, g.threads);
     std::vector<T> shift(G * C);
-#pragma omp parallel num_threads(ct)
-    {
-      const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
+    parallel(ct, [&](int t, int T_) {
       const i64 c0 = C * t / T_, c1 = C * (t + 1) / T_;
       std::vector<double> seen(G, 0.0);
       if (c1 > c0) moments_nlc_part(x, g, 0, R, c0, c1, seen.data(), mean, m2, shift.data());
       if (t == 0)
         for (i64 s = 0; s < G; ++s) count[s] = seen[s];
-    }
+    });
     return;
   }
   // The team may be smaller than asked (OMP_THREAD_LIMIT, nesting): ranges and the merge follow the team.
   std::vector<std::vector<double>> seen(nt), mo(nt), qo(nt);
-  int team = 1;
-#pragma omp parallel num_threads(nt)
-  {
-    const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
-    if (t == 0) team = T_;
+  const int team = parallel(nt, [&](int t, int T_) {
     const i64 r0 = R * t / T_, r1 = R * (t + 1) / T_;
     seen[t].assign(G, 0.0);
     mo[t].assign(G * C, 0.0);
     qo[t].assign(G * C, 0.0);
     std::vector<T> shift(G * C);
     moments_nlc_part(x, g, r0, r1, 0, C, seen[t].data(), mo[t].data(), qo[t].data(), shift.data());
-  }
+  });
   for (i64 s = 0; s < G; ++s) {
     double n = 0;
     for (int t = 0; t < team; ++t) {
@@ -668,13 +695,12 @@ void apply(const T* a, const T* u, const T* b, const T* v, const T* s, const T* 
 
 template <class T>
 inline void grad_sums(const T* gv, const T* xv, const u8* m, i64 len, T sh, double& a, double& b) {
+  constexpr int W = LANES / sizeof(T);  // explicit lanes, as in shifted_sums
   for (i64 l0 = 0; l0 < len; l0 += FLUSH) {
     const i64 e = std::min(len, l0 + FLUSH);
-    T p = 0, q = 0;
-    if (m) {  // explicit lanes, as in shifted_sums
-      constexpr int W = LANES / sizeof(T);
-      T pw[W] = {}, qw[W] = {};
-      i64 l = l0;
+    T pw[W] = {}, qw[W] = {};
+    i64 l = l0;
+    if (m) {
       for (; l + W <= e; l += W) {
 #pragma omp simd
         for (int j = 0; j < W; ++j) {
@@ -683,20 +709,24 @@ inline void grad_sums(const T* gv, const T* xv, const u8* m, i64 len, T sh, doub
           qw[j] += keep_if(gg * (xv[l + j] - sh), m[l + j]);
         }
       }
-      for (int j = 0; j < W; ++j) {
-        p += pw[j];
-        q += qw[j];
-      }
-      for (; l < e; ++l) {
-        p += keep_if(gv[l], m[l]);
-        q += keep_if(gv[l] * (xv[l] - sh), m[l]);
-      }
     } else {
-#pragma omp simd reduction(+ : p, q)
-      for (i64 l = l0; l < e; ++l) {
-        p += gv[l];
-        q += gv[l] * (xv[l] - sh);
+      for (; l + W <= e; l += W) {
+#pragma omp simd
+        for (int j = 0; j < W; ++j) {
+          const T gg = gv[l + j];
+          pw[j] += gg;
+          qw[j] += gg * (xv[l + j] - sh);
+        }
       }
+    }
+    T p = 0, q = 0;
+    for (int j = 0; j < W; ++j) {
+      p += pw[j];
+      q += qw[j];
+    }
+    for (; l < e; ++l) {
+      p += m ? keep_if(gv[l], m[l]) : gv[l];
+      q += m ? keep_if(gv[l] * (xv[l] - sh), m[l]) : gv[l] * (xv[l] - sh);
     }
     a += p;
     b += q;
@@ -772,9 +802,7 @@ void sums(const T* dy, const T* x, const T* shift, const Geo& g, double* sg, dou
   std::fill(sg, sg + G * C, 0.0);
   std::fill(sgx, sgx + G * C, 0.0);
   if (g.layout == 0) {
-  #pragma omp parallel num_threads(threads_for(C, g.threads))
-    {
-      const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
+    parallel(threads_for(C, g.threads), [&](int t, int T_) {
       const i64 c0 = C * t / T_, c1 = C * (t + 1) / T_;
       for (i64 n = 0; n < N; ++n) {
         const u8* m = g.mask ? g.mask + n * L : nullptr;
@@ -783,31 +811,25 @@ void sums(const T* dy, const T* x, const T* shift, const Geo& g, double* sg, dou
           grad_sums(dy + base, x + base, m, L, shift[o], sg[o], sgx[o]);
         }
       }
-    }
+    });
     return;
   }
   const i64 R = N * L;
   const int nt = threads_for(R / BLOCK_ROWS + 1, g.threads);
   if (nt == 1 || G * C > PRIVATE_LIMIT) {
     const int ct = threads_for((C + 15) / 16, g.threads);
-#pragma omp parallel num_threads(ct)
-    {
-      const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
+    parallel(ct, [&](int t, int T_) {
       const i64 c0 = C * t / T_, c1 = C * (t + 1) / T_;
       if (c1 > c0) sums_nlc_part(dy, x, shift, g, 0, R, c0, c1, sg, sgx);
-    }
+    });
     return;
   }
   std::vector<std::vector<double>> pa(nt), pb(nt);
-  int team = 1;  // as in moments_nlc: the team may be smaller than asked
-#pragma omp parallel num_threads(nt)
-  {
-    const int t = omp_get_thread_num(), T_ = omp_get_num_threads();
-    if (t == 0) team = T_;
+  const int team = parallel(nt, [&](int t, int T_) {  // as in moments_nlc: the team may be smaller
     pa[t].assign(G * C, 0.0);
     pb[t].assign(G * C, 0.0);
     sums_nlc_part(dy, x, shift, g, R * t / T_, R * (t + 1) / T_, 0, C, pa[t].data(), pb[t].data());
-  }
+  });
   for (int t = 0; t < team; ++t)
     for (i64 o = 0; o < G * C; ++o) {
       sg[o] += pa[t][o];
@@ -819,6 +841,57 @@ Geo geo(i64 N, i64 C, i64 L, int layout, const i64* ids, i64 G, const u8* mask, 
   return Geo{N, C, L, layout, ids, ids ? G : 1, mask, std::max(1, threads)};
 }
 
+// The entry points' results (flexbn/_core/native.py turns them into Python exceptions).
+constexpr int OK = 0, BAD_IDS = -1, NO_MEMORY = -2, FAILED = -3, BAD_ARGS = -4;
+
+thread_local char last_error[256];
+
+// The kernels read mask bytes as 0 or 1 (keep_if makes lanes by negation). A bool tensor viewed from other
+// bytes may hold 2, 255, ... for true: such a mask is read once into a 0/1 copy. One pass over N * L
+// bytes (the input has C times as many values); masks of 0/1 bytes are used as they are.
+const u8* mask01(const u8* mask, i64 n, std::vector<u8>& copy) {
+  if (!mask) return mask;
+  u8 bits = 0;
+  for (i64 i = 0; i < n; ++i) bits |= mask[i];
+  if ((bits & ~u8(1)) == 0) return mask;
+  copy.resize(n);
+  for (i64 i = 0; i < n; ++i) copy[i] = mask[i] != 0;
+  return copy.data();
+}  // what went wrong in this thread's last call that failed
+
+void set_error(const char* what) noexcept { std::snprintf(last_error, sizeof last_error, "%s", what); }
+
+// Runs one kernel behind the C boundary: what the C side can check is checked here (required pointers,
+// sizes, segment ids; native.py checks the rest -- dtypes, lengths, contiguity -- before calling), and
+// no C++ exception crosses extern "C": each becomes an error code, with its message in last_error. Masks
+// are read as booleans whatever their bytes.
+template <class Kernel>
+int guarded(const Geo& g, bool pointers_ok, Kernel&& kernel) noexcept {
+  if (!pointers_ok || g.N < 0 || g.C < 0 || g.L < 0 || g.G < 1 || (g.layout != 0 && g.layout != 1)) {
+    set_error("invalid arguments: a required pointer is null, a size negative or the layout unknown");
+    return BAD_ARGS;
+  }
+  try {
+    if (!ids_ok(g)) {
+      set_error("segment ids must lie in [0, number of segments)");
+      return BAD_IDS;
+    }
+    std::vector<u8> copy;
+    Geo read = g;
+    read.mask = mask01(g.mask, g.N * g.L, copy);
+    kernel(static_cast<const Geo&>(read));
+    return OK;
+  } catch (const std::bad_alloc&) {
+    set_error("out of memory for the kernels' work tables");
+    return NO_MEMORY;
+  } catch (const std::exception& e) {
+    set_error(e.what());
+    return FAILED;
+  } catch (...) {
+    set_error("unknown C++ exception");
+    return FAILED;
+  }
+}
 
 // ---------------------------------------------------------------------------------------------------
 // The operations on the statistics currency: per (segment, channel) the count of kept elements, the
@@ -1088,6 +1161,13 @@ void backward_local(const T* dy, const T* x, const T* z, T* gx, T* gz, const Geo
 
 }  // namespace
 
+#ifndef FLEXBN_SOURCE_ID
+#define FLEXBN_SOURCE_ID "unknown"  // the build passes the SHA-256 of this file
+#endif
+#ifndef FLEXBN_TARGET
+#define FLEXBN_TARGET "unknown"  // the build passes the instruction set it compiled for
+#endif
+
 #define FLEXBN_EXPORT extern "C" __attribute__((visibility("default")))
 #define GEO_ARGS i64 N, i64 C, i64 L, int layout, const i64 *ids, i64 G, const u8 *mask, int threads
 #define GEO geo(N, C, L, layout, ids, G, mask, threads)
@@ -1095,93 +1175,132 @@ void backward_local(const T* dy, const T* x, const T* z, T* gx, T* gz, const Geo
 #define FLEXBN_DEFINE(SUFFIX, T)                                                                    \
   FLEXBN_EXPORT int flexbn_moments_##SUFFIX(const T* x, GEO_ARGS, double* count, double* mean,     \
                                             double* m2) {                                          \
-    const Geo g = GEO;                                                                             \
-    if (!ids_ok(g)) return -1;                                                                     \
-    moments(x, g, count, mean, m2);                                                                \
-    return 0;                                                                                      \
+    return guarded(GEO, x && count && mean && m2,                                                  \
+                   [&](const Geo& g) { moments(x, g, count, mean, m2); });                         \
   }                                                                                                \
   FLEXBN_EXPORT int flexbn_normalize_##SUFFIX(const T* x, T* y, GEO_ARGS, const T* shift,          \
                                               const T* delta, const T* scale, const T* bias) {     \
-    const Geo g = GEO;                                                                             \
-    if (!ids_ok(g)) return -1;                                                                     \
-    normalize(x, y, g, shift, delta, scale, bias);                                                 \
-    return 0;                                                                                      \
+    return guarded(GEO, x && y && shift && scale,                                                  \
+                   [&](const Geo& g) { normalize(x, y, g, shift, delta, scale, bias); });          \
   }                                                                                                \
   FLEXBN_EXPORT int flexbn_sums_##SUFFIX(const T* dy, const T* x, const T* shift, GEO_ARGS,        \
                                          double* sum_g, double* sum_gx) {                          \
-    const Geo g = GEO;                                                                             \
-    if (!ids_ok(g)) return -1;                                                                     \
-    sums(dy, x, shift, g, sum_g, sum_gx);                                                          \
-    return 0;                                                                                      \
+    return guarded(GEO, dy && x && shift && sum_g && sum_gx,                                       \
+                   [&](const Geo& g) { sums(dy, x, shift, g, sum_g, sum_gx); });                   \
   }                                                                                                \
   FLEXBN_EXPORT int flexbn_apply_##SUFFIX(const T* a, const T* u, const T* b, const T* v,          \
                                           const T* s, const T* d, T* out, GEO_ARGS) {              \
-    const Geo g = GEO;                                                                             \
-    if (!ids_ok(g)) return -1;                                                                     \
-    apply(a, u, b, v, s, d, out, g);                                                               \
-    return 0;                                                                                      \
+    return guarded(GEO, out && !a == !u && (!b || (v && s)),                                       \
+                   [&](const Geo& g) { apply(a, u, b, v, s, d, out, g); });                        \
   }
 
 FLEXBN_DEFINE(f32, float)
 FLEXBN_DEFINE(f64, double)
 
-// The operations on the statistics currency (see above). Return 0, or -1 when a segment id is out of
-// range.
+// The operations on the statistics currency (see above), behind the same guard. forward returns
+// COUNTS (a result, not an error) when its count check finds a segment of at most one value.
+constexpr int COUNTS = 1;
+
 #define FLEXBN_DEFINE_OPS(SUFFIX, T)                                                                \
   FLEXBN_EXPORT int flexbn_normalize_stats_##SUFFIX(                                               \
       const T* x, T* y, GEO_ARGS, const double* count, const double* mean, const double* m2,       \
       i64 rows, double eps, const T* weight, i64 weight_rows, const T* bias, i64 bias_rows) {      \
-    const Geo g = GEO;                                                                             \
-    if (!ids_ok(g)) return -1;                                                                     \
-    normalize_stats(x, y, g, count, mean, m2, rows, eps, weight, weight_rows, bias, bias_rows);    \
-    return 0;                                                                                      \
+    return guarded(GEO, x && y && count && mean && m2 && rows >= 1, [&](const Geo& g) {           \
+      normalize_stats(x, y, g, count, mean, m2, rows, eps, weight, weight_rows, bias, bias_rows);  \
+    });                                                                                            \
   }                                                                                                \
   FLEXBN_EXPORT int flexbn_backward_sums_##SUFFIX(const T* dy, const T* x, GEO_ARGS,               \
                                                   const double* mean, i64 rows, double* sum_g,     \
                                                   double* sum_gx) {                                \
-    const Geo g = GEO;                                                                             \
-    if (!ids_ok(g)) return -1;                                                                     \
-    backward_sums(dy, x, g, mean, rows, sum_g, sum_gx);                                            \
-    return 0;                                                                                      \
+    return guarded(GEO, dy && x && mean && sum_g && sum_gx && rows >= 1,                           \
+                   [&](const Geo& g) { backward_sums(dy, x, g, mean, rows, sum_g, sum_gx); });     \
   }                                                                                                \
   FLEXBN_EXPORT int flexbn_backward_##SUFFIX(                                                      \
       const T* dy, const T* x, const T* z, T* gx, T* gz, GEO_ARGS, const double* count,            \
       const double* mean, const double* m2, i64 rows, double eps, const T* weight,                 \
       i64 weight_rows, const double* sg, const double* sgx, const double* lsg,                     \
-      const double* lsgx, int grad_mean, int grad_var, T* gw, T* gb, i64 bias_rows) {    \
-    const Geo g = GEO;                                                                             \
-    if (!ids_ok(g)) return -1;                                                                     \
-    backward(dy, x, z, gx, gz, g, count, mean, m2, rows, eps, weight, weight_rows, sg, sgx, lsg,   \
-             lsgx, grad_mean != 0, grad_var != 0, gw, gb, bias_rows);                              \
-    return 0;                                                                                      \
+      const double* lsgx, int grad_mean, int grad_var, T* gw, T* gb, i64 bias_rows) {              \
+    const bool stats = (z ? gz != nullptr : gx != nullptr) && (grad_mean || grad_var);             \
+    return guarded(GEO,                                                                            \
+                   dy && x && count && mean && m2 && rows >= 1 && (!stats || (sg && sgx)) &&        \
+                       (!(gw || gb) || (lsg && lsgx)) && (!gz || z),                               \
+                   [&](const Geo& g) {                                                             \
+                     backward(dy, x, z, gx, gz, g, count, mean, m2, rows, eps, weight,              \
+                              weight_rows, sg, sgx, lsg, lsgx, grad_mean != 0, grad_var != 0, gw,   \
+                              gb, bias_rows);                                                      \
+                   });                                                                             \
   }                                                                                                \
   FLEXBN_EXPORT int flexbn_forward_##SUFFIX(                                                       \
       const T* x, const T* source, T* y, GEO_ARGS, double* count, double* mean, double* m2,        \
       double eps, const T* weight, i64 weight_rows, const T* bias, i64 bias_rows, T* rm, T* rv,    \
       i64 buffer_rows, double momentum, const double* momentum_rows, int check) {                  \
-    const Geo g = GEO;                                                                             \
-    if (!ids_ok(g)) return -1;                                                                     \
-    return forward(x, source, y, g, count, mean, m2, eps, weight, weight_rows, bias, bias_rows, rm, \
-                   rv, buffer_rows, momentum, momentum_rows, check);                               \
+    int rc = 0;                                                                                    \
+    const int code =                                                                               \
+        guarded(GEO, x && source && y && count && mean && m2 && (!rm == !rv), [&](const Geo& g) {  \
+          rc = forward(x, source, y, g, count, mean, m2, eps, weight, weight_rows, bias,           \
+                       bias_rows, rm, rv, buffer_rows, momentum, momentum_rows, check);            \
+        });                                                                                        \
+    return code != OK ? code : (rc != 0 ? COUNTS : OK);                                            \
   }                                                                                                \
   FLEXBN_EXPORT int flexbn_backward_local_##SUFFIX(                                                \
       const T* dy, const T* x, const T* z, T* gx, T* gz, GEO_ARGS, const double* count,            \
       const double* mean, const double* m2, i64 rows, double eps, const T* weight,                 \
-      i64 weight_rows, int grad_mean, int grad_var, T* gw, T* gb, i64 bias_rows) {       \
-    const Geo g = GEO;                                                                             \
-    if (!ids_ok(g)) return -1;                                                                     \
-    backward_local(dy, x, z, gx, gz, g, count, mean, m2, rows, eps, weight, weight_rows,           \
-                   grad_mean != 0, grad_var != 0, gw, gb, bias_rows);                              \
-    return 0;                                                                                      \
+      i64 weight_rows, int grad_mean, int grad_var, T* gw, T* gb, i64 bias_rows) {                 \
+    return guarded(GEO, dy && x && count && mean && m2 && rows >= 1 && (!gz || z),                 \
+                   [&](const Geo& g) {                                                             \
+                     backward_local(dy, x, z, gx, gz, g, count, mean, m2, rows, eps, weight,        \
+                                    weight_rows, grad_mean != 0, grad_var != 0, gw, gb, bias_rows); \
+                   });                                                                             \
   }                                                                                                \
   FLEXBN_EXPORT int flexbn_running_update_##SUFFIX(                                                \
       T* rm, T* rv, i64 buffer_rows, i64 C, i64 G, const double* count, const double* mean,        \
       const double* m2, double momentum, const double* momentum_rows) {                            \
-    running_update(rm, rv, buffer_rows, C, G, count, mean, m2, momentum, momentum_rows);           \
-    return 0;                                                                                      \
+    const Geo none{0, C, 0, 0, nullptr, G, nullptr, 1};                                            \
+    return guarded(none, rm && rv && count && mean && m2 && (buffer_rows == 1 || buffer_rows == G), \
+                   [&](const Geo&) {                                                               \
+                     running_update(rm, rv, buffer_rows, C, G, count, mean, m2, momentum,           \
+                                    momentum_rows);                                                \
+                   });                                                                             \
   }
 
 FLEXBN_DEFINE_OPS(f32, float)
 FLEXBN_DEFINE_OPS(f64, double)
 
-FLEXBN_EXPORT int flexbn_abi_version() { return 1; }
+// 2: error codes -2 (out of memory), -3 (other C++ exception), -4 (invalid arguments), last_error.
+// 3: the operations on the statistics currency (normalize_stats, backward_sums, backward, forward,
+//    backward_local, running_update).
+FLEXBN_EXPORT int flexbn_abi_version() { return 3; }
+
+// The message of this thread's last failed call.
+FLEXBN_EXPORT const char* flexbn_last_error() { return last_error; }
+
+// What this library was built from and for.
+FLEXBN_EXPORT const char* flexbn_source_id() { return FLEXBN_SOURCE_ID; }
+FLEXBN_EXPORT const char* flexbn_target() { return FLEXBN_TARGET; }
+
+// The highest x86-64 level (1 to 4) this processor and its operating system support, 0 elsewhere: which
+// of the libraries built for each level may be loaded. Only meaningful in the baseline build.
+FLEXBN_EXPORT int flexbn_cpu_level() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  __builtin_cpu_init();
+#if !defined(__clang__) && __GNUC__ >= 12
+  if (__builtin_cpu_supports("x86-64-v4")) return 4;
+  if (__builtin_cpu_supports("x86-64-v3")) return 3;
+  if (__builtin_cpu_supports("x86-64-v2")) return 2;
+#else
+  const bool v2 = __builtin_cpu_supports("sse4.2") && __builtin_cpu_supports("popcnt") &&
+                  __builtin_cpu_supports("ssse3");
+  const bool v3 = v2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                  __builtin_cpu_supports("bmi") && __builtin_cpu_supports("bmi2");
+  const bool v4 = v3 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                  __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+                  __builtin_cpu_supports("avx512vl");
+  if (v4) return 4;
+  if (v3) return 3;
+  if (v2) return 2;
+#endif
+  return 1;
+#else
+  return 0;
+#endif
+}

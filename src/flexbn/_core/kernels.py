@@ -100,18 +100,7 @@ class _Geo:
             if mask.dtype != torch.bool or not mask.is_contiguous():
                 mask = mask.to(torch.bool).contiguous()
         self.g = 1 if ids is None else seg.num
-        self.args = [
-            n,
-            c,
-            length,
-            layout,
-            None if ids is None else ids.data_ptr(),
-            self.g,
-            None if mask is None else mask.data_ptr(),
-            torch.get_num_threads(),
-            ids,  # kept alive until the call (dropped from the argument list there)
-            mask,
-        ]
+        self.args = [n, c, length, layout, ids, self.g, mask, torch.get_num_threads()]
 
     def like(self, t: Tensor) -> Tensor:
         """``t`` in the kernels' dtype and this layout (a copy only where needed)."""
@@ -125,21 +114,23 @@ class _Geo:
         return torch.empty_like(self.x, memory_format=self.format)
 
 
-def _table(t: Tensor | None, dtype: torch.dtype) -> tuple[int | None, int, Tensor | None]:
-    """``(pointer, rows, tensor kept alive)`` of a ``(C,)`` or ``(rows, C)`` table in ``dtype``."""
+def _table(t: Tensor | None, dtype: torch.dtype) -> tuple[Tensor | None, int]:
+    """``(table, rows)`` of a ``(C,)`` or ``(rows, C)`` parameter in ``dtype``, contiguous."""
     if t is None:
-        return None, 1, None
+        return None, 1
     if t.dtype != dtype or not t.is_contiguous():
         t = t.to(dtype).contiguous()
-    return t.data_ptr(), (1 if t.dim() == 1 else t.shape[0]), t
+    return t, (1 if t.dim() == 1 else t.shape[0])
 
 
-def _stats(m: Moments) -> tuple[list[Any], tuple[Tensor, ...]]:
-    """Pointers to the currency's tables (float64, contiguous) and their row count."""
-    count, mean, m2 = (
-        t if t.dtype == _F64 and t.is_contiguous() else t.to(_F64).contiguous() for t in m
-    )
-    return [count.data_ptr(), mean.data_ptr(), m2.data_ptr(), mean.shape[0]], (count, mean, m2)
+def _f64(t: Tensor) -> Tensor:
+    return t if t.dtype == _F64 and t.is_contiguous() else t.to(_F64).contiguous()
+
+
+def _stats(m: Moments) -> list[Any]:
+    """The currency's tables (float64, contiguous) and their row count, as the kernels take them."""
+    mean = _f64(m.mean)
+    return [_f64(m.count), mean, _f64(m.m2), mean.shape[0]]
 
 
 def _new_tables(g: int, c: int) -> Moments:
@@ -150,29 +141,14 @@ def _new_tables(g: int, c: int) -> Moments:
 
 
 def _pair(sums: tuple[Tensor, Tensor] | None) -> tuple[Tensor | None, Tensor | None]:
-    if sums is None:
-        return None, None
-    a, b = (t if t.dtype == _F64 and t.is_contiguous() else t.to(_F64).contiguous() for t in sums)
-    return a, b
-
-
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+    return (None, None) if sums is None else (_f64(sums[0]), _f64(sums[1]))
 
 
 def moments(x: Tensor, seg: Segments = WHOLE) -> Moments:
     """:func:`reference.moments` on the kernels: one read of the input."""
     geo = _Geo(x, seg)
     m = _new_tables(geo.g, x.shape[1])
-    native.call(
-        "moments",
-        geo.cdt,
-        geo.x.data_ptr(),
-        *geo.args[:8],
-        m.count.data_ptr(),
-        m.mean.data_ptr(),
-        m.m2.data_ptr(),
-    )
+    native.call("moments", geo.cdt, geo.x, *geo.args, *m)
     return m
 
 
@@ -186,22 +162,11 @@ def normalize(
 ) -> Tensor:
     """:func:`reference.normalize` on the kernels: one pass, ``((x - shift) - delta) * scale + bias``."""
     geo = _Geo(x, seg)
-    stats, _alive = _stats(m)
-    w, w_rows, _w = _table(weight, geo.cdt)
-    b, b_rows, _b = _table(bias, geo.cdt)
+    w, w_rows = _table(weight, geo.cdt)
+    b, b_rows = _table(bias, geo.cdt)
     y = geo.empty()
     native.call(
-        "normalize_stats",
-        geo.cdt,
-        geo.x.data_ptr(),
-        y.data_ptr(),
-        *geo.args[:8],
-        *stats,
-        float(eps),
-        w,
-        w_rows,
-        b,
-        b_rows,
+        "normalize_stats", geo.cdt, geo.x, y, *geo.args, *_stats(m), float(eps), w, w_rows, b, b_rows
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)
 
@@ -220,17 +185,17 @@ def forward(
     """:func:`reference.forward` in one call: the moments of ``source``, the count check, the running
     update, the normalized ``x``."""
     geo = _Geo(x, seg)
-    m = _new_tables(geo.g, x.shape[1])
-    src = geo.x if source is x else geo.like(source)
-    w, w_rows, _w = _table(weight, geo.cdt)
-    b, b_rows, _b = _table(bias, geo.cdt)
-    rm = rv = None
-    rows, per_row, factor = 1, None, 0.0
     if running is not None and not (running_supported(*running) and running[0].dtype == geo.cdt):
         y, m = forward(x, source, weight, bias, None, momentum, eps, seg, check)
         if y is not None:  # buffers of another dtype (a float16 module): updated by the reference
             reference.running_update(*running, m, momentum)
         return y, m
+    m = _new_tables(geo.g, x.shape[1])
+    src = geo.x if source is x else geo.like(source)
+    w, w_rows = _table(weight, geo.cdt)
+    b, b_rows = _table(bias, geo.cdt)
+    rm = rv = per_row = None
+    rows, factor = 1, 0.0
     if running is not None:
         rm, rv = running
         rows = 1 if rm.dim() == 1 else rm.shape[0]
@@ -239,23 +204,21 @@ def forward(
     rc = native.call(
         "forward",
         geo.cdt,
-        geo.x.data_ptr(),
-        src.data_ptr(),
-        y.data_ptr(),
-        *geo.args[:8],
-        m.count.data_ptr(),
-        m.mean.data_ptr(),
-        m.m2.data_ptr(),
+        geo.x,
+        src,
+        y,
+        *geo.args,
+        *m,
         float(eps),
         w,
         w_rows,
         b,
         b_rows,
-        _ptr(rm),
-        _ptr(rv),
+        rm,
+        rv,
         rows,
         factor,
-        _ptr(per_row),
+        per_row,
         check,
     )
     if rc == native.COUNTS:
@@ -276,20 +239,9 @@ def running_update(
     running_mean: Tensor, running_var: Tensor, m: Moments, momentum: float | Tensor
 ) -> None:
     """:func:`reference.running_update` in the library (float32/float64 buffers)."""
-    stats, _alive = _stats(m)
-    rows = 1 if running_mean.dim() == 1 else running_mean.shape[0]
-    per_row, momentum = _momentum(momentum)
-    native.call(
-        "running_update",
-        running_mean.dtype,
-        running_mean.data_ptr(),
-        running_var.data_ptr(),
-        rows,
-        running_mean.shape[-1],
-        stats[3],
-        *stats[:3],
-        float(momentum),
-        None if per_row is None else per_row.data_ptr(),
+    per_row, factor = _momentum(momentum)
+    native.call_running_update(
+        running_mean, running_var, _f64(m.count), _f64(m.mean), _f64(m.m2), factor, per_row
     )
 
 
@@ -308,22 +260,10 @@ def backward_sums(g: Tensor, x: Tensor, m: Moments, seg: Segments = WHOLE) -> tu
     """:func:`reference.backward_sums` on the kernels: one read of ``dy`` and ``x``."""
     geo = _Geo(x, seg)
     gk = geo.like(g)
-    mean = (
-        m.mean if m.mean.dtype == _F64 and m.mean.is_contiguous() else m.mean.to(_F64).contiguous()
-    )
+    mean = _f64(m.mean)
     sg = torch.empty(geo.g, x.shape[1], dtype=_F64)
     sgx = torch.empty_like(sg)
-    native.call(
-        "backward_sums",
-        geo.cdt,
-        gk.data_ptr(),
-        geo.x.data_ptr(),
-        *geo.args[:8],
-        mean.data_ptr(),
-        mean.shape[0],
-        sg.data_ptr(),
-        sgx.data_ptr(),
-    )
+    native.call("backward_sums", geo.cdt, gk, geo.x, *geo.args, mean, mean.shape[0], sg, sgx)
     return sg, sgx
 
 
@@ -348,25 +288,19 @@ def backward(
     need_input, need_weight, need_bias, need_z = needs
     geo = _Geo(x, seg)
     gk = geo.like(g)
-    stats, _alive = _stats(m)
-    w, w_rows, _w = _table(weight, geo.cdt)
+    w, w_rows = _table(weight, geo.cdt)
     zk = None if z is None else geo.like(z)
     gx = geo.empty() if need_input else None
     gz = geo.empty() if (need_z and zk is not None and (grad_mean or grad_var)) else None
     c = x.shape[1]
     gw = torch.empty(w_rows, c, dtype=geo.cdt) if (need_weight and weight is not None) else None
     gb = torch.empty(bias_rows, c, dtype=geo.cdt) if need_bias else None
-    tensors = [gk.data_ptr(), geo.x.data_ptr(), _ptr(zk), _ptr(gx), _ptr(gz), *geo.args[:8]]
-    tensors += [*stats, float(eps), w, w_rows]
-    outputs = [int(grad_mean), int(grad_var), _ptr(gw), _ptr(gb), bias_rows]
+    tensors = [gk, geo.x, zk, gx, gz, *geo.args, *_stats(m), float(eps), w, w_rows]
+    outputs = [int(grad_mean), int(grad_var), gw, gb, bias_rows]
     if sums is None:  # this process's sums, formed in the same call
         native.call("backward_local", geo.cdt, *tensors, *outputs)
     else:
-        sg, sgx = _pair(sums)
-        lsg, lsgx = _pair(local)
-        native.call(
-            "backward", geo.cdt, *tensors, _ptr(sg), _ptr(sgx), _ptr(lsg), _ptr(lsgx), *outputs
-        )
+        native.call("backward", geo.cdt, *tensors, *_pair(sums), *_pair(local), *outputs)
     if gx is not None and gx.dtype != x.dtype:
         gx = gx.to(x.dtype)
     if gz is not None and z is not None:
