@@ -78,7 +78,8 @@ def _compare(
             sync.weight.copy_(torch.randn(channels, generator=gen))
             sync.bias.copy_(torch.randn(channels, generator=gen))
     ref.load_state_dict(sync.state_dict())
-    for _ in range(steps):
+    failures: list[str] = []  # every step runs on every rank (their collectives stay paired)
+    for step in range(steps):
         shape = (n, channels, *spatial)
         x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale + offset).to(dtype)
         if channels_last:
@@ -114,24 +115,29 @@ def _compare(
         y = sync(x_loc, **loc_kwargs)
         (y * g[part]).sum().backward()
 
-        assert y.shape == x_loc.shape
-        assert y.dtype == dtype
-        assert y.is_contiguous(memory_format=torch.channels_last) == channels_last or not y.numel()
-        assert_close(y, y_ref[part], msg="output")
-        assert_close(x_loc.grad, x_ref.grad[part], msg="input gradient")
-        if z is not None:
-            assert_close(z_loc.grad, z_ref.grad[part], msg="stats_input gradient")
-        if affine:  # local: the reference with the output gradient of this rank's samples only
-            g_local = torch.zeros_like(g)
-            g_local[part] = g[part]
-            detached = {k: v.detach() for k, v in ref_kwargs.items()}
-            (before(x_ref.detach(), **detached) * g_local).sum().backward()
-            if sizes[rank]:
-                assert_close(sync.weight.grad, before.weight.grad, msg="local weight gradient")
-                assert_close(sync.bias.grad, before.bias.grad, msg="local bias gradient")
-            else:  # an empty batch contributes nothing
-                for p in (sync.weight.grad, sync.bias.grad):
-                    assert p is None or not p.abs().any()
+        try:
+            assert y.shape == x_loc.shape
+            assert y.dtype == dtype
+            layout_ok = y.is_contiguous(memory_format=torch.channels_last) == channels_last
+            assert layout_ok or not y.numel()
+            assert_close(y, y_ref[part], msg="output")
+            assert_close(x_loc.grad, x_ref.grad[part], msg="input gradient")
+            if z is not None:
+                assert_close(z_loc.grad, z_ref.grad[part], msg="stats_input gradient")
+            if affine:  # local: the reference with the output gradient of this rank's samples only
+                g_local = torch.zeros_like(g)
+                g_local[part] = g[part]
+                detached = {k: v.detach() for k, v in ref_kwargs.items()}
+                (before(x_ref.detach(), **detached) * g_local).sum().backward()
+                if sizes[rank]:
+                    assert_close(sync.weight.grad, before.weight.grad, msg="local weight gradient")
+                    assert_close(sync.bias.grad, before.bias.grad, msg="local bias gradient")
+                else:  # an empty batch contributes nothing
+                    for p in (sync.weight.grad, sync.bias.grad):
+                        assert p is None or not p.abs().any()
+        except AssertionError as err:
+            failures.append(f"step {step}: {err}")
+    assert not failures, "\n".join(failures)
     assert_close(sync.running_mean, ref.running_mean, msg="running mean")
     assert_close(sync.running_var, ref.running_var, msg="running var")
     assert int(sync.num_batches_tracked) == int(ref.num_batches_tracked) == steps
@@ -299,9 +305,10 @@ CASES: dict[str, Callable[[int, int], None]] = {
 }
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, init_file: str, out_dir: str, backend: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
+    flexbn.set_backend(backend)
     dist.init_process_group(
         "gloo",
         init_method=f"file://{init_file}",
@@ -325,12 +332,23 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     os._exit(0)
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=lambda w: f"{w}-ranks")
+WORLDS = [
+    pytest.param((world, name), id=f"{world}-ranks-{name}")
+    for world in (2, 3)
+    for name in ("reference", "cpp")
+]
+
+
+@pytest.fixture(scope="module", params=WORLDS)
 def world_results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
-    world = request.param
-    out = tmp_path_factory.mktemp(f"sync{world}")
+    """Every case on ``world`` gloo processes, each running ``backend`` (the module-scoped processes are
+    started once per world and backend, so the backend is their parameter, not the per-test one)."""
+    world, name = request.param
+    if name == "cpp" and not flexbn._core.backend.cpp_available():
+        pytest.skip("no C++ compiler for the kernels")
+    out = tmp_path_factory.mktemp(f"sync{world}{name}")
     ctx = mp.start_processes(
-        _worker, args=(world, str(out / "rendezvous"), str(out)), nprocs=world, join=False
+        _worker, args=(world, str(out / "rendezvous"), str(out), name), nprocs=world, join=False
     )
     deadline = time.monotonic() + SPAWN_TIMEOUT_S
     while not ctx.join(timeout=1):
@@ -341,6 +359,7 @@ def world_results(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempP
     return world, [json.loads((out / f"rank{r}.json").read_text()) for r in range(world)]
 
 
+@pytest.mark.one_backend  # the processes' backend is world_results' parameter
 @pytest.mark.parametrize("case", list(CASES))
 def test_sync_matches_single_process(world_results: Any, case: str) -> None:
     _, results = world_results

@@ -274,7 +274,9 @@ def test_eval_is_torchs_operator_bitwise() -> None:
     with flexbn.use_backend("auto"):
         assert torch.equal(ours(x), theirs(x))
     with flexbn.use_backend("reference"):
-        assert not torch.equal(ours(x), theirs(x))  # flexbn's own: (x - mean) * scale, not x * a + b
+        assert not torch.equal(
+            ours(x), theirs(x)
+        )  # flexbn's own: (x - mean) * scale, not x * a + b
 
 
 @pytest.mark.one_backend
@@ -352,7 +354,9 @@ def test_fake_and_meta_tensors(options: dict) -> None:
         assert x.grad.shape == x.shape
     bn = flexbn.BatchNorm1d(3, device="meta", **flags)
     x = torch.empty(4, 3, 5, device="meta", requires_grad=True)
-    y = bn(x, mask=torch.ones(4, 5, dtype=torch.bool, device="meta") if options.get("mask") else None)
+    y = bn(
+        x, mask=torch.ones(4, 5, dtype=torch.bool, device="meta") if options.get("mask") else None
+    )
     y.sum().backward()
     assert y.device.type == "meta"
     assert y.shape == x.shape

@@ -143,7 +143,7 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
             and mask is None
             and groups is None
             and stats_input is None
-            and _get_backend() == "auto"
+            and (torch.compiler.is_compiling() or _get_backend() == "auto")
         ):  # eval with running statistics: torch's own operator, bitwise (the fastest)
             return _torch_batch_norm(
                 input,

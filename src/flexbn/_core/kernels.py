@@ -166,7 +166,17 @@ def normalize(
     b, b_rows = _table(bias, geo.cdt)
     y = geo.empty()
     native.call(
-        "normalize_stats", geo.cdt, geo.x, y, *geo.args, *_stats(m), float(eps), w, w_rows, b, b_rows
+        "normalize_stats",
+        geo.cdt,
+        geo.x,
+        y,
+        *geo.args,
+        *_stats(m),
+        float(eps),
+        w,
+        w_rows,
+        b,
+        b_rows,
     )
     return y if y.dtype == x.dtype else y.to(x.dtype)
 

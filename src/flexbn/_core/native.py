@@ -68,7 +68,27 @@ _SIGNATURES = {
     # The operations on the statistics currency (kernels.py).
     "normalize_stats": [_P, _P, *_GEO, _P, _P, _P, _I, _D, _P, _I, _P, _I],
     "backward_sums": [_P, _P, *_GEO, _P, _I, _P, _P],
-    "backward": [_P, _P, _P, _P, _P, *_GEO, _P, _P, _P, _I, _D, _P, _I, *[_P] * 4, _C, _C, _P, _P, _I],
+    "backward": [
+        _P,
+        _P,
+        _P,
+        _P,
+        _P,
+        *_GEO,
+        _P,
+        _P,
+        _P,
+        _I,
+        _D,
+        _P,
+        _I,
+        *[_P] * 4,
+        _C,
+        _C,
+        _P,
+        _P,
+        _I,
+    ],
     "forward": [_P, _P, _P, *_GEO, _P, _P, _P, _D, _P, _I, _P, _I, _P, _P, _I, _D, _P, _C],
     "backward_local": [_P, _P, _P, _P, _P, *_GEO, _P, _P, _P, _I, _D, _P, _I, _C, _C, _P, _P, _I],
     "running_update": [_P, _P, _I, _I, _I, _P, _P, _P, _D, _P],
@@ -664,7 +684,9 @@ def _arguments(name: str, dtype: torch.dtype, args: tuple[Any, ...]) -> list[Any
         elif role in "wWr":  # (1 or G, C); a parameter's row count follows it
             ok = kind is dtype and a.numel() in (c, tables) and a.is_contiguous()
             if ok and role == "w" and args[i + 1] * c != a.numel():
-                raise _bad(name, i + 1, f"the row count of a table of {a.numel()} values", args[i + 1])
+                raise _bad(
+                    name, i + 1, f"the row count of a table of {a.numel()} values", args[i + 1]
+                )
         elif role == "q":
             ok = kind is torch.float64 and a.numel() in (1, segments) and a.is_contiguous()
         elif role == "n":

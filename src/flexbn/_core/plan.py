@@ -190,7 +190,7 @@ def check_inputs(
         raise TypeError(
             f"batch_norm(): argument 'eps' (position 8) must be float, not {type(eps).__name__}"
         )
-    if input.dim() < 2:
+    if input.dim() < 2 and input.numel():  # an empty one: torch returns an empty tensor (below)
         raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
     size = input.size()
     if training and not synced and math.prod(size[:1] + size[2:]) == 1:
