@@ -13,6 +13,9 @@ import flexbn
 from flexbn import cli
 from flexbn.lab import origin
 
+# The lab runs flexbn on its default backend; both backends are tested by the rest of the suite.
+pytestmark = pytest.mark.one_backend
+
 TRACKED_ANSWER = "torch.nn.BatchNorm2d back-propagates through mu and var"
 
 
