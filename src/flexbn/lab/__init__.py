@@ -78,6 +78,8 @@ SUMMARIES: dict[str, str] = {
     "speed": "training forward+backward time of flexbn vs torch's native batch norm",
 }
 EXPERIMENTS: dict[str, Experiment] = {name: _lazy(name) for name in SUMMARIES}
+# The experiments that hand training runs to worker processes (``jobs``).
+USES_WORKERS = frozenset({"nonid", "dropout", "ghost"})
 
 
 def run(
@@ -127,7 +129,7 @@ def run(
     seconds: dict[str, float] = {}
     load_before = _load()
     start = time.perf_counter()
-    with worker_pool(jobs):
+    with worker_pool(jobs if USES_WORKERS.intersection(names) else 1):
         for i, name in enumerate(names, 1):
             print(f"flexbn lab: [{i}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()

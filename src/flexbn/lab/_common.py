@@ -92,10 +92,17 @@ def _init_worker(backend: str) -> None:
     flexbn.set_backend(backend)
 
 
+def _warm_up() -> None:
+    """A worker's first task: load what the jobs need (the digits), while the lab does other work."""
+    with contextlib.suppress(MissingExtra):
+        _load_digits()
+
+
 @contextlib.contextmanager
 def worker_pool(jobs: int) -> Iterator[None]:
-    """Within the block, :func:`map_jobs` runs its jobs in ``jobs`` worker processes (started on first
-    use, one torch thread each, flexbn's current backend); with ``jobs <= 1``, in this process."""
+    """Within the block, :func:`map_jobs` runs its jobs in ``jobs`` worker processes (started now and
+    warmed up in the background; one torch thread each, flexbn's current backend); with ``jobs <= 1``,
+    in this process."""
     global _pool
     if jobs <= 1 or _pool is not None:
         yield
@@ -104,6 +111,8 @@ def worker_pool(jobs: int) -> Iterator[None]:
     pool = concurrent.futures.ProcessPoolExecutor(
         jobs, mp_context=context, initializer=_init_worker, initargs=(flexbn.get_backend(),)
     )
+    for _ in range(jobs):
+        pool.submit(_warm_up)
     _pool = pool
     try:
         yield
