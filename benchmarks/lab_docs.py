@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,11 @@ def _run_lab(args: list[str], out: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"lab_docs: `flexbn lab {' '.join(args)}` exited with {done.returncode}")
-    return {"command": " ".join(["flexbn lab", *args]), "seconds": seconds, "load": [before, _load()]}
+    return {
+        "command": " ".join(["flexbn lab", *args]),
+        "seconds": seconds,
+        "load": [before, _load()],
+    }
 
 
 def _cpu() -> str:
@@ -112,7 +117,22 @@ def _replace_block(text: str, key: str, body: str) -> str:
     pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
     if not pattern.search(text):
         sys.exit(f"lab_docs: README.md has no {start} ... {end} block")
-    return pattern.sub(lambda _: f"{start}\n{body.strip()}\n{end}", text)
+    return pattern.sub(lambda _: f"{start}\n{_wrap(body)}\n{end}", text)
+
+
+def _wrap(text: str, width: int = 110) -> str:
+    """Markdown paragraphs and ``- `` bullets of ``text`` wrapped to ``width`` columns."""
+    out = []
+    for para in text.strip().split("\n"):
+        bullet = para.startswith("- ")
+        out.append(
+            textwrap.fill(
+                para, width, subsequent_indent="  " if bullet else "", break_on_hyphens=False
+            )
+            if para
+            else ""
+        )
+    return "\n".join(out)
 
 
 def _timing_sentence(data: dict[str, Any]) -> str:
@@ -124,6 +144,11 @@ def _timing_sentence(data: dict[str, Any]) -> str:
         f"{t['cores']} cores ({t['cpu']}; load average {full['load'][0]:.1f} before the full run, "
         f"{quick['load'][1]:.1f} after the quick one; {t['date']}; measured by `{COMMAND}`)"
     )
+
+
+def _exp(x: float) -> str:
+    """``2e-7`` rather than ``2e-07``."""
+    return re.sub(r"e([+-])0*(\d)", r"e\1\2", f"{x:.0e}").replace("e+", "e")
 
 
 def readme_blocks(report: Report, data: dict[str, Any]) -> dict[str, str]:
@@ -138,7 +163,7 @@ def readme_blocks(report: Report, data: dict[str, Any]) -> dict[str, str]:
         quotes.append(
             f"- **Detached mean:** `|b|` grew from {dm['b_start']:.3g} to {dm['b_end']:.3g} in "
             f"{d['steps']} steps while the loss stayed at {dm['loss_start']:.4g} (relative change "
-            f"{change:.0e}); with the gradient through the mean -- flexbn's default, as torch -- the "
+            f"{_exp(change)}); with the gradient through the mean -- flexbn's default, as torch -- the "
             "gradient on `b` is zero to rounding and `b` does not move."
         )
     if "nonid" in r:
@@ -197,7 +222,7 @@ It writes `report.md`, `report.html` (open it in a browser) and `report.json` (e
 plots) beside the figures. Progress goes to stderr: a line as each experiment starts, and progress bars on a
 terminal.
 
-**Timing.** {timing}.
+{timing}
 
 **Same seed, same numbers.** Every process of the lab runs torch on one thread (the caller's thread count is
 restored afterwards), and every training run seeds its own generators; so a seed gives the same numbers on a
@@ -215,7 +240,7 @@ with a note and the others run; without tqdm there are no progress bars.
 
 ## The results
 
-From `flexbn lab` ({description}){partial} The figures are in `docs/figures/`.
+From `flexbn lab`: {description}{partial} The figures are in `docs/figures/`.
 
 """
 
@@ -246,7 +271,7 @@ def page(report: Report, data: dict[str, Any]) -> str:
         partial = "."
     head = HEAD.format(
         command=COMMAND,
-        timing=_timing_sentence(data),
+        timing=_wrap(f"**Timing.** {_timing_sentence(data)}."),
         description=describe(report).rstrip("."),
         partial=partial,
     )
@@ -273,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
         render()
     else:
         regenerate(args.only or [])
-    print(f"wrote {PAGE.relative_to(ROOT)}, {DATA.relative_to(ROOT)} and README.md's lab paragraphs")
+    print(
+        f"wrote {PAGE.relative_to(ROOT)}, {DATA.relative_to(ROOT)} and README.md's lab paragraphs"
+    )
     return 0
 
 

@@ -138,7 +138,7 @@ def test_html_and_json_reports_hold_what_the_markdown_holds(quick_lab):
     page = (quick_lab.out / "report.html").read_text(encoding="utf-8")
     assert page.startswith("<!DOCTYPE html>")
     for name, r in quick_lab.results.items():
-        assert f'<h2 id="{name}">{html.escape(r.title)}' in page
+        assert f'<h2 id="{name}"><code>{name}</code>: {html.escape(r.title)}' in page
         assert html.escape(r.table) in page
         assert r.about  # every experiment says what it asks and how
         assert "**" not in page  # the Markdown emphasis became HTML
@@ -415,9 +415,9 @@ def test_only_is_repeatable_and_out_is_used(tmp_path, capsys):
         "report.md",
     ]
     report = (out / "report.md").read_text(encoding="utf-8")
-    assert "(`detach`)" in report
-    assert "(`origin`)" in report
-    assert "(`ghost`)" not in report
+    assert "### `detach`:" in report
+    assert "### `origin`:" in report
+    assert "`ghost`:" not in report
 
 
 @pytest.mark.parametrize("jobs", ["0", "-1"])
@@ -489,7 +489,7 @@ def test_without_scikit_learn_digits_experiments_are_skipped(monkeypatch, tmp_pa
     assert "== nonid" not in captured.out
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert f"> {note}" in report
-    assert "(`detach`)" in report
+    assert "## `detach`:" in report
 
 
 @pytest.mark.parametrize("tqdm_installed", [True, False], ids=["tqdm", "no-tqdm"])

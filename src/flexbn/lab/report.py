@@ -108,7 +108,7 @@ def write(report: Report, out: Path) -> list[Path]:
 def describe(report: Report) -> str:
     """How the run ran, in one sentence (versions, machine, threads, jobs, time, load)."""
     env = report.environment
-    parts = [f"Seed {report.seed}; {report.mode}"]
+    parts = [f"seed {report.seed}; {report.mode}"]
     if env:
         parts.append(f"flexbn {env.get('flexbn')}, torch {env.get('torch')}")
         machine = f"{env.get('cpu')}, {env.get('cores')} cores" if env.get("cpu") else ""
@@ -121,6 +121,10 @@ def describe(report: Report) -> str:
         timing += f" (load average {load[0]:.1f} before, {load[1]:.1f} after)"
     parts.append(timing)
     return "; ".join(parts) + "."
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def _figure_path(fig: Path, base: Path) -> str:
@@ -136,7 +140,7 @@ def markdown(
     h = "#" * heading
     parts = []
     if title is not None:
-        parts.append(f"{'#' * (heading - 1)} {title}\n\n{describe(report)}\n")
+        parts.append(f"{'#' * (heading - 1)} {title}\n\n{_capital(describe(report))}\n")
     parts += [f"> {note}\n" for note in report.notes]
     rows = "".join(
         f"\n| [`{name}`](#{name}) | {SUMMARIES.get(name, r.title)} | "
@@ -149,7 +153,7 @@ def markdown(
         about = f"{r.about}\n\n" if r.about else ""
         figures = "".join(f"![{r.title}]({_figure_path(f, base)})\n\n" for f in r.figures)
         parts.append(
-            f'<a id="{name}"></a>\n\n{h} {r.title} (`{name}`){status}\n\n{about}'
+            f'<a id="{name}"></a>\n\n{h} `{name}`: {r.title}{status}\n\n{about}'
             f"**Result** ({_seconds(report, name)}).\n\n{figures}```text\n{r.table}\n```\n\n"
             f"{r.conclusion}\n"
         )
@@ -228,7 +232,7 @@ def to_html(report: Report, base: Path) -> str:
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>flexbn lab</title><style>{_CSS}</style></head><body>",
         "<h1>flexbn lab</h1>",
-        f"<p>{_inline(describe(report))}</p>",
+        f"<p>{_inline(_capital(describe(report)))}</p>",
         *(f'<p class="note">{_inline(n)}</p>' for n in report.notes),
         "<table><tr><th>experiment</th><th>what it shows</th><th>verdict</th><th>time</th></tr>",
         rows,
@@ -241,7 +245,7 @@ def to_html(report: Report, base: Path) -> str:
             for f in r.figures
         )
         parts += [
-            f'<h2 id="{name}">{html.escape(r.title)} (<code>{name}</code>){status}</h2>',
+            f'<h2 id="{name}"><code>{name}</code>: {html.escape(r.title)}{status}</h2>',
             _blocks(r.about) if r.about else "",
             f"<p><strong>Result</strong> ({_seconds(report, name)}).</p>",
             figures,
