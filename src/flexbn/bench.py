@@ -1357,9 +1357,10 @@ def add_parser(subparsers: Any) -> None:
         subparsers.add_parser(
             "bench",
             help="time flexbn against torch native and hand compositions (ratios side by side)",
-            description="Time flexbn against torch's native batch norm and each variant's hand-written "
-            "composition (eager and under torch.compile), side by side; print the ratios and whether "
-            "flexbn's performance targets are met, write the rows (flexbn.bench has the method).",
+            description="Time flexbn against torch's native batch norm and each variant's hand-written\n"
+            "composition (eager and under torch.compile), side by side; print the ratios and whether\n"
+            "flexbn's performance targets are met (on shapes of at least 2^20 elements), write the\n"
+            "rows. The method: the module notes of flexbn.bench.",
             epilog="variants:\n"
             + "\n".join(f"  {name:<12} {v.description}" for name, v in VARIANTS.items()),
             formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -43,12 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         "--out",
         default="flexbn-lab",
         metavar="DIR",
-        help="directory for report.md and the figures (default: ./flexbn-lab)",
+        help="directory for the reports (report.md, .html, .json) and the figures "
+        "(default: ./flexbn-lab)",
     )
     lab.add_argument(
         "--quick",
         action="store_true",
-        help="small versions of the experiments (all of them in about 20 s on 2 cores)",
+        help="small versions of the experiments: the same conclusions, noisier numbers, a fraction "
+        "of the time (measured times: docs/lab.md)",
     )
     lab.add_argument(
         "--jobs",
