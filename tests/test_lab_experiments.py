@@ -415,8 +415,8 @@ def test_only_is_repeatable_and_out_is_used(tmp_path, capsys):
         "report.md",
     ]
     report = (out / "report.md").read_text(encoding="utf-8")
-    assert "### `detach`:" in report
-    assert "### `origin`:" in report
+    assert "## `detach`:" in report
+    assert "## `origin`:" in report
     assert "`ghost`:" not in report
 
 
