@@ -129,7 +129,8 @@ def run(
     seconds: dict[str, float] = {}
     load_before = _load()
     start = time.perf_counter()
-    with worker_pool(jobs if USES_WORKERS.intersection(names) else 1):
+    jobs = jobs if USES_WORKERS.intersection(names) else 1  # no worker started for nothing
+    with worker_pool(jobs):
         for i, name in enumerate(names, 1):
             print(f"flexbn lab: [{i}/{len(names)}] {name} ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
