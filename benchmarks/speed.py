@@ -163,7 +163,7 @@ def first_call_table(rows: Sequence[Row]) -> str:
 
 
 def targets_table(rows: Sequence[Row]) -> str:
-    """The issue's targets (``flexbn.bench.targets``) per backend: the worst measured value and where."""
+    """flexbn's performance targets (``flexbn.bench.targets``) per backend: the worst measured value and where."""
     lines = [
         [
             t.name,

@@ -240,7 +240,8 @@ def test_json_and_csv(rows, tmp_path):
 
 
 def test_format_table(rows):
-    text = bench.format_table(rows)
+    """The wide table: a line per (shape, layout, variant, pass) of flexbn, then memory and first calls."""
+    text = bench.format_table(rows, wide=True)
     flex_time = [r for r in rows if r.metric == "time" and r.candidate == "flexbn"]
     lines = text.splitlines()
     assert "x native" in lines[0]
@@ -248,6 +249,74 @@ def test_format_table(rows):
     assert len([ln for ln in lines if ln.startswith("8x4x3x3") and " eval " in ln]) == 6
     assert len(lines) > len(flex_time) + 2
     assert "memory saved for backward" in text
+
+
+def test_compact_table_fits_100_columns(rows):
+    """The default table: a line per (shape, layout, variant), the values of the rows, 100 columns."""
+    text = bench.format_table(rows)
+    assert text == bench.format_compact(rows)
+    lines = text.splitlines()
+    assert max(map(len, lines)) <= bench.COMPACT_WIDTH
+    body = [ln for ln in lines if ln.startswith("8x4x3x3")]
+    assert len(body) == 6  # 2 layouts x 3 variants
+    flex = {
+        (r.layout, r.variant, r.pass_): r
+        for r in rows
+        if r.candidate == "flexbn" and r.metric == "time"
+    }
+    saved = {
+        (r.layout, r.variant): r for r in rows if r.candidate == "flexbn" and r.metric == "saved"
+    }
+    for line in body:
+        cells = line.split()
+        layout = "channels_last" if cells[1] == "cl" else "contiguous"
+        variant, values = (
+            cells[-8],
+            [float(c) for c in cells[-6:]],
+        )  # ms, native, std, comp, eval, mem
+        t, e = flex[(layout, variant, "fwd+bwd")], flex[(layout, variant, "eval")]
+        m = saved[(layout, variant)]
+        want = [t.median, t.ratio_native, t.ratio_standard, t.ratio_composition, e.ratio_native]
+        want.append(m.median / m.input_bytes)
+        assert values == pytest.approx(want, abs=0.006)
+    assert "x compiled" not in lines[1]  # no compiled rows: no column
+    assert "--wide" in text
+
+
+def test_compact_table_fits_with_every_column(rows):
+    """With compiled rows, several backends and the longest names, still 100 columns."""
+    long = [
+        dataclasses.replace(
+            r,
+            shape="64x256x14x14",
+            layout="channels_last",
+            variant="stats_input",
+            backend="reference",
+            ratio_compiled=12.345 if r.metric == "time" else None,
+            median=r.median * 1000 if r.metric == "time" else r.median,  # 4-5 digit ms
+        )
+        for r in rows
+    ]
+    lines = bench.format_table(long).splitlines()
+    assert "x compiled" in lines[1]
+    assert max(map(len, lines)) <= bench.COMPACT_WIDTH
+
+
+def test_targets_are_judged_on_large_shapes_only(rows):
+    """Tiny shapes (per-call overhead dominates) are left out of the targets, and said to be."""
+    t = next(r for r in rows if r.candidate == "flexbn" and r.metric == "time")
+    big = dataclasses.replace(t, shape="16x128x512", pass_="eval", ratio_native=2.0)
+    small = dataclasses.replace(t, shape="8x4x3x3", pass_="eval", ratio_native=9.0)
+    kept, left_out = bench.judged([big, small])
+    assert kept == [big]
+    assert left_out == ["8x4x3x3" + (" cl" if t.layout == "channels_last" else "")]
+    text = bench._targets_report([big, small], quick=False)
+    assert "NOT MET" in text
+    assert "worst 2.00" in text  # the large shape's value, not the small one's 9.0
+    assert "not judged on 8x4x3x3" in text
+    assert "targets: not judged" in bench._targets_report([small], quick=False)
+    assert "smoke run" in bench._targets_report([big, small], quick=True)
+    assert math.prod((16, 128, 512)) == bench.TARGET_MIN_ELEMENTS  # the smallest default shape
 
 
 def row_like(template: bench.Row, **changes) -> bench.Row:
@@ -311,12 +380,34 @@ def test_cli_quick(tmp_path, capsys):
     )
     out = capsys.readouterr()
     assert code == 0
-    for text in ("detach_var", "x native", "targets"):
+    for text in ("detach_var", "x native", "a smoke run", "targets: not judged"):
         assert text in out.out
+    assert "NOT MET" not in out.out
+    assert max(len(line) for line in out.out.splitlines()) <= bench.COMPACT_WIDTH
     assert "8x4x3x3 contiguous detach_var" in out.err  # progress
     rows = json.loads((tmp_path / "r.json").read_text())
     assert {r["pass"] for r in rows if r["metric"] == "time"} == {"fwd+bwd"}
     assert (tmp_path / "r.csv").read_text().startswith("shape,layout,variant,pass,")
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json"])
+def test_cli_rows_to_stdout(fmt, capsys):
+    """``--csv -`` / ``--json -``: the rows on stdout, the human-readable report on stderr."""
+    argv = ["bench", "--quick", "--shape", "8x4", "--variant", "detach_mean", "--pass", "eval"]
+    assert cli.main([*argv, "--repeat", "1", f"--{fmt}", "-"]) == 0
+    out = capsys.readouterr()
+    table = list(csv.DictReader(out.out.splitlines())) if fmt == "csv" else json.loads(out.out)
+    assert {r["candidate"] for r in table} >= {"native", "flexbn", "composition"}
+    assert "x native" in out.err
+    assert "a smoke run" in out.err
+
+
+def test_cli_wide(capsys):
+    argv = ["bench", "--quick", "--shape", "8x4", "--variant", "mask", "--pass", "eval", "--wide"]
+    assert cli.main([*argv, "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "x composition" in out  # the wide table's header
+    assert "memory saved for backward" in out
 
 
 def test_cli_bad_shape(capsys):

@@ -9,9 +9,7 @@ pass an equality test).
 from __future__ import annotations
 
 import copy
-import re
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -260,16 +258,3 @@ def test_jit_script_of_converted_model() -> None:
 def test_jit_script_raises_one_clear_message(layer: nn.Module, message: str) -> None:
     with pytest.raises(ValueError, match=f"torch.jit.script cannot compile {message}"):
         torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 1), layer))
-
-
-# -- docs/deploy.md ---------------------------------------------------------------------------------------
-
-
-def test_deploy_doc_examples_run() -> None:
-    """Every python block of docs/deploy.md, in order, in one namespace (they assert what they show)."""
-    text = (Path(__file__).parents[1] / "docs" / "deploy.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.DOTALL)
-    assert len(blocks) == 5
-    namespace: dict[str, object] = {}
-    for i, block in enumerate(blocks):
-        exec(compile(block, f"docs/deploy.md block {i}", "exec"), namespace)

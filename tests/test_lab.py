@@ -13,6 +13,9 @@ import flexbn
 from flexbn import cli
 from flexbn.lab import origin
 
+# The lab runs flexbn on its default backend; both backends are tested by the rest of the suite.
+pytestmark = pytest.mark.one_backend
+
 TRACKED_ANSWER = "torch.nn.BatchNorm2d back-propagates through mu and var"
 
 
@@ -133,6 +136,7 @@ def test_origin_main_prints_the_answer(capsys):
 def test_seed_option(tmp_path):
     assert cli.main(["lab", "--only", "origin", "--seed", "0", "--out", str(tmp_path)]) == 0
     assert "Seed 0;" in (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "Seed 0;" in (tmp_path / "report.html").read_text(encoding="utf-8")
 
 
 def test_unknown_experiment_is_an_error(capsys, tmp_path):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import re
 import sys
 import time
@@ -21,6 +22,9 @@ import pytest
 from flexbn import cli, lab
 from flexbn.lab import _common, detach, dropout, ghost, nonid, speed
 from flexbn.lab._common import fmt_pct, mean
+
+# The lab runs flexbn on its default backend; both backends are tested by the rest of the suite.
+pytestmark = pytest.mark.one_backend
 
 SEED = 2809
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -65,7 +69,9 @@ def quick_lab(tmp_path_factory: pytest.TempPathFactory) -> QuickLab:
             mp.setitem(lab.EXPERIMENTS, name, recording(name, experiment))
         start = time.perf_counter()
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            status = cli.main(["lab", "--quick", "--seed", str(SEED), "--out", str(out)])
+            status = cli.main(
+                ["lab", "--quick", "--seed", str(SEED), "--out", str(out), "--jobs", "2"]
+            )
         seconds = time.perf_counter() - start
     return QuickLab(status, stdout.getvalue(), stderr.getvalue(), out, results, seconds)
 
@@ -94,17 +100,48 @@ def test_experiment_ok_and_printed(quick_lab, name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_figures_are_pngs_embedded_in_the_report(quick_lab, name):
+def test_figures_are_pngs_embedded_in_the_reports(quick_lab, name):
+    from PIL import Image  # matplotlib's own dependency
+
     figures = quick_lab.results[name].figures
     assert len(figures) >= 1
+    html = (quick_lab.out / "report.html").read_text(encoding="utf-8")
     for fig in figures:
         assert fig.parent == quick_lab.out
         data = fig.read_bytes()
         assert data.startswith(PNG)
-        assert 5_000 < len(data) < 300_000  # a drawn figure, a small file
+        assert 20_000 < len(data) < 500_000  # a drawn figure, a small file
+        with Image.open(fig) as image:
+            assert image.info["dpi"][0] == pytest.approx(_common.DPI, abs=0.1)
+            assert _common.DPI >= 150
+            assert image.width >= 1000  # wide enough for a slide
         assert f"figure: {fig}" in quick_lab.stdout
         assert re.search(rf"!\[[^\]]+\]\({re.escape(fig.name)}\)", quick_lab.report)
+        assert f'<img src="{fig.name}"' in html
     assert sorted(p.name for p in quick_lab.out.glob("*.png")) == sorted(f"{n}.png" for n in NAMES)
+
+
+def test_html_and_json_reports_hold_what_the_markdown_holds(quick_lab):
+    """report.json renders back to report.md exactly; report.html has every section, escaped."""
+    import html
+    import json
+
+    from flexbn.lab import report
+
+    saved = json.loads((quick_lab.out / "report.json").read_text(encoding="utf-8"))
+    again = report.Report.from_json(saved, quick_lab.out)
+    assert report.markdown(again, quick_lab.out) == quick_lab.report
+    assert [e["name"] for e in saved["experiments"]] == NAMES
+    assert saved["quick"] is True
+    assert saved["seed"] == SEED
+    assert saved["jobs"] == 2
+    page = (quick_lab.out / "report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    for name, r in quick_lab.results.items():
+        assert f'<h2 id="{name}"><code>{name}</code>: {html.escape(r.title)}' in page
+        assert html.escape(r.table) in page
+        assert r.about  # every experiment says what it asks and how
+        assert "**" not in page  # the Markdown emphasis became HTML
 
 
 # --------------------------------------------------------- each conclusion quotes its own numbers
@@ -310,12 +347,36 @@ def test_ghost_chunk_check_detects_whole_batch_statistics(monkeypatch):
 # -------------------------------------------------------------------------------- determinism
 
 
-def test_quick_run_is_deterministic_for_a_seed(quick_lab):
-    """The quick ghost experiment again (initial weights, batch order): the same numbers."""
-    again = lab.EXPERIMENTS["ghost"](SEED, quick=True, out=None)
-    assert again.data == quick_lab.results["ghost"].data
-    assert again.conclusion == quick_lab.results["ghost"].conclusion
+@pytest.mark.parametrize("threads", [1, 2], ids=["1-thread", "2-threads"])
+@pytest.mark.parametrize("name", ["dropout", "ghost"])
+def test_same_numbers_whatever_the_threads_and_jobs(quick_lab, name, threads):
+    """Run again in this process (the quick lab ran it in 2 worker processes) with torch set to 1 or 2
+    threads: the same numbers, and the caller's thread count is restored. (The C++ kernels and the
+    matrix products reduce in an order that depends on the thread count: the lab runs on one.)"""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        again = lab.EXPERIMENTS[name](SEED, quick=True, out=None)
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    assert again.data == quick_lab.results[name].data
+    assert again.conclusion == quick_lab.results[name].conclusion
     assert again.figures == ()  # no directory, no figure
+
+
+def test_map_jobs_runs_in_worker_processes_in_order():
+    """The pool's results come back in the jobs' order, computed in other processes on one thread."""
+    import torch
+
+    with _common.worker_pool(2):
+        assert _common.map_jobs(pow, [(2, i) for i in range(5)], desc="test") == [1, 2, 4, 8, 16]
+        pids = _common.map_jobs(os.getpid, [()] * 4, desc="test")
+        assert os.getpid() not in pids
+        assert _common.map_jobs(torch.get_num_threads, [()] * 2, desc="test") == [1, 1]
+    assert _common.map_jobs(os.getpid, [()] * 2, desc="test") == [os.getpid()] * 2  # no pool
 
 
 def test_dropout_masks_are_seeded():
@@ -346,11 +407,24 @@ def test_only_is_repeatable_and_out_is_used(tmp_path, capsys):
     assert printed.count("== detach:") == 1
     assert printed.index("== detach:") < printed.index("== origin:")
     assert "== nonid" not in printed
-    assert sorted(p.name for p in out.iterdir()) == ["detach.png", "origin.png", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "detach.png",
+        "origin.png",
+        "report.html",
+        "report.json",
+        "report.md",
+    ]
     report = (out / "report.md").read_text(encoding="utf-8")
-    assert "(`detach`)" in report
-    assert "(`origin`)" in report
-    assert "(`ghost`)" not in report
+    assert "## `detach`:" in report
+    assert "## `origin`:" in report
+    assert "`ghost`:" not in report
+
+
+@pytest.mark.parametrize("jobs", ["0", "-1"])
+def test_jobs_must_be_positive(jobs, tmp_path, capsys):
+    assert cli.main(["lab", "--only", "detach", "--jobs", jobs, "--out", str(tmp_path)]) == 2
+    assert f"--jobs must be an integer >= 1, but got {jobs}" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_unknown_name_exits_2_before_running_anything(tmp_path, capsys):
@@ -415,7 +489,7 @@ def test_without_scikit_learn_digits_experiments_are_skipped(monkeypatch, tmp_pa
     assert "== nonid" not in captured.out
     report = (tmp_path / "report.md").read_text(encoding="utf-8")
     assert f"> {note}" in report
-    assert "(`detach`)" in report
+    assert "## `detach`:" in report
 
 
 @pytest.mark.parametrize("tqdm_installed", [True, False], ids=["tqdm", "no-tqdm"])

@@ -181,7 +181,7 @@ SHAPES = (
     Shape((4096, 1024)),
     Shape((16, 128, 512)),
 )
-"""The issue's shapes: ResNet-like NCHW and channels_last, a late CNN stage, ``(N, C)``, ``(N, C, L)``."""
+"""The default shapes: ResNet-like NCHW and channels_last, a late CNN stage, ``(N, C)``, ``(N, C, L)``."""
 
 QUICK_SHAPES = (
     Shape((8, 16, 14, 14)),
@@ -457,15 +457,26 @@ class Row:
 _FIELDS = [("pass" if f.name == "pass_" else f.name) for f in dataclasses.fields(Row)]
 
 
+@contextlib.contextmanager
+def _output(path: str | os.PathLike[str], newline: str | None = None) -> Iterator[Any]:
+    """The file at ``path`` opened for writing, or standard output for ``"-"``."""
+    if str(path) == "-":
+        yield sys.stdout
+        sys.stdout.flush()
+        return
+    with open(path, "w", encoding="utf-8", newline=newline) as f:
+        yield f
+
+
 def write_json(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
-    """Write ``rows`` as a JSON list of flat objects (:meth:`Row.as_dict`).
+    """Write ``rows`` as a JSON list of flat objects (:meth:`Row.as_dict`); ``"-"``: standard output.
 
     >>> import json, pathlib, tempfile
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "rows.json"
     >>> write_json([], path); json.loads(path.read_text())
     []
     """
-    with open(path, "w", encoding="utf-8") as f:
+    with _output(path) as f:
         json.dump([r.as_dict() for r in rows], f, indent=1)
         f.write("\n")
 
@@ -485,14 +496,14 @@ def read_json(path: str | os.PathLike[str]) -> list[Row]:
 
 
 def write_csv(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
-    """Write ``rows`` as CSV with a header line (empty cells for ``None``).
+    """Write ``rows`` as CSV with a header line (empty cells for ``None``); ``"-"``: standard output.
 
     >>> import pathlib, tempfile
     >>> path = pathlib.Path(tempfile.mkdtemp()) / "rows.csv"
     >>> write_csv([], path); path.read_text().split(",")[:4]
     ['shape', 'layout', 'variant', 'pass']
     """
-    with open(path, "w", encoding="utf-8", newline="") as f:
+    with _output(path, newline="") as f:
         out = csv.DictWriter(f, fieldnames=_FIELDS)
         out.writeheader()
         for r in rows:
@@ -1032,14 +1043,17 @@ def _fmt(v: float | None, spec: str = ".2f") -> str:
     return "-" if v is None else format(v, spec)
 
 
-def format_table(rows: Sequence[Row]) -> str:
-    """The rows as readable tables: flexbn's time per pass as ratios to every reference side by side
-    (``x native`` etc.: flexbn's median divided by that candidate's; below 1 flexbn is faster), then
-    memory saved for backward and first-call cost per candidate.
+def format_table(rows: Sequence[Row], *, wide: bool = False) -> str:
+    """The rows as a readable table: by default :func:`format_compact` (fits 100 columns); ``wide``: every
+    pass of flexbn as ratios to every reference side by side (``x native`` etc.: flexbn's median divided
+    by that candidate's; below 1 flexbn is faster), then memory saved for backward and first-call cost per
+    candidate.
 
-    >>> format_table([]).split()[:6]
+    >>> format_table([], wide=True).split()[:6]
     ['shape', 'layout', 'variant', 'pass', 'backend', 'flexbn']
     """
+    if not wide:
+        return format_compact(rows)
     head = (
         f"{'shape':<16} {'layout':<13} {'variant':<12} {'pass':<9} {'backend':<10} "
         f"{'flexbn ms':>10} {'IQR ms':>8} {'x native':>9} {'x standard':>11} {'x composition':>14} "
@@ -1087,6 +1101,63 @@ def format_table(rows: Sequence[Row]) -> str:
             )
             lines.append(line)
     return "\n".join(lines)
+
+
+COMPACT_WIDTH = 100
+_COMPACT_LEGEND = (
+    "x native, x std, x eager, x compiled: flexbn's median time over that of torch native, flexbn's\n"
+    "standard path, the variant's hand composition in eager torch and under torch.compile (below 1:\n"
+    "flexbn is faster); eval x nat: the same in eval mode; saved: memory saved for backward over the\n"
+    "input's bytes; cl: channels_last. Every pass, first calls, memory per candidate: --wide; every\n"
+    "row: --csv PATH or --json PATH ('-': stdout)."
+)
+
+
+def _shape_label(r: Row) -> str:
+    return r.shape + (" cl" if r.layout == "channels_last" else "")
+
+
+def format_compact(rows: Sequence[Row]) -> str:
+    """One line per (shape, layout, variant, flexbn backend): flexbn's training forward+backward time (or
+    the first pass measured) and its ratios to every reference, its eval time against native and the
+    memory it saves for backward; then what the columns mean. At most :data:`COMPACT_WIDTH` columns.
+
+    >>> format_compact([]).splitlines()[1].split()[:4]
+    ['shape', 'variant', 'backend', 'ms']
+    """
+    flex = [r for r in rows if r.candidate == "flexbn"]
+    measured = {r.pass_ for r in flex if r.metric == "time"}
+    main = next((p for p in ("fwd+bwd", "forward", "backward", "eval") if p in measured), "fwd+bwd")
+    compiled = any(r.ratio_compiled is not None for r in flex if r.metric == "time")
+    columns = [("ms", 9), ("x native", 8), ("x std", 6), ("x eager", 7)]
+    columns += [("x compiled", 10)] if compiled else []
+    columns += [("eval x nat", 10)] if "eval" in measured and main != "eval" else []
+    columns += [("saved", 6)] if any(r.metric == "saved" for r in flex) else []
+    head = f"{'shape':<15} {'variant':<11} {'backend':<9} " + " ".join(
+        f"{name:>{w}}" for name, w in columns
+    )
+    lines = [f"{main} (training forward+backward)" if main == "fwd+bwd" else main, head]
+    lines.append("-" * len(head))
+    cells: dict[tuple[str, str, str, str], dict[str, Row]] = {}
+    for r in flex:
+        key = (_shape_label(r), r.variant, r.backend, "")
+        cells.setdefault(key, {})[f"{r.metric} {r.pass_}"] = r
+    for (shape, variant, backend, _), got in cells.items():
+        t, e, m = got.get(f"time {main}"), got.get("time eval"), got.get("saved forward")
+        values = {
+            "ms": _fmt(t and t.median, ".3f"),
+            "x native": _fmt(t and t.ratio_native),
+            "x std": _fmt(t and t.ratio_standard),
+            "x eager": _fmt(t and t.ratio_composition),
+            "x compiled": _fmt(t and t.ratio_compiled),
+            "eval x nat": _fmt(e and e.ratio_native),
+            "saved": _fmt(m and m.median / m.input_bytes),
+        }
+        lines.append(
+            f"{shape:<15} {variant:<11} {backend:<9} "
+            + " ".join(f"{values[name]:>{w}}" for name, w in columns)
+        )
+    return "\n".join([*lines, "", _COMPACT_LEGEND])
 
 
 def _label(r: Row) -> str:
@@ -1184,6 +1255,29 @@ def _targets(flex: list[Row], backend: str) -> list[Target]:
     return found
 
 
+TARGET_MIN_ELEMENTS = 2**20
+"""The smallest input (elements) on which the targets are judged: below it, a call's fixed cost (argument
+checks, dispatch, allocation: tens of microseconds) dominates the time, not the passes over the data the
+targets are about. :data:`SHAPES` all have at least this many; :data:`QUICK_SHAPES` none."""
+
+
+def judged(rows: Sequence[Row]) -> tuple[list[Row], list[str]]:
+    """The rows whose shape is large enough for the targets (:data:`TARGET_MIN_ELEMENTS`), and the names
+    of the shapes left out.
+
+    >>> judged([])
+    ([], [])
+    """
+    kept: list[Row] = []
+    small: dict[str, None] = {}
+    for r in rows:
+        if math.prod(int(n) for n in r.shape.split("x")) >= TARGET_MIN_ELEMENTS:
+            kept.append(r)
+        else:
+            small[_shape_label(r)] = None
+    return kept, list(small)
+
+
 def format_targets(found: Sequence[Target]) -> str:
     """One line per target: met or not, the backend, the limit, the worst value and where.
 
@@ -1203,13 +1297,18 @@ def format_targets(found: Sequence[Target]) -> str:
 def add_arguments(parser: Any) -> None:
     """The options of ``flexbn bench``, added to an ``argparse`` parser."""
     add = parser.add_argument
-    add("--quick", action="store_true", help="small shapes, 3 repeats, no compile (seconds)")
+    add(
+        "--quick",
+        action="store_true",
+        help="a smoke run: tiny shapes, 3 short repeats, no compile, no verdict on the targets "
+        "(seconds; per-call overhead dominates such shapes)",
+    )
     add(
         "--shape",
         action="append",
         metavar="SHAPE",
         help="an input shape: 32x64x56x56, or 32,64,56,56:cl for channels_last (repeatable; "
-        "default: the issue's five)",
+        "default: five shapes of 1M to 6.4M elements)",
     )
     add(
         "--variant",
@@ -1235,8 +1334,13 @@ def add_arguments(parser: Any) -> None:
     )
     add("--repeat", type=int, metavar="N", help="interleaved samples per candidate (7; quick 3)")
     add("--threads", type=int, metavar="N", help="torch threads for the run (default: torch's)")
-    add("--json", metavar="PATH", help="write the rows as JSON")
-    add("--csv", metavar="PATH", help="write the rows as CSV")
+    add("--json", metavar="PATH", help="write the rows as JSON ('-': to stdout, tables to stderr)")
+    add("--csv", metavar="PATH", help="write the rows as CSV ('-': to stdout, tables to stderr)")
+    add(
+        "--wide",
+        action="store_true",
+        help="every pass, first-call costs and memory per candidate (about 140 columns)",
+    )
     add("--no-compile", action="store_true", help="do not time the composition under torch.compile")
     add(
         "--os-memory",
@@ -1253,9 +1357,10 @@ def add_parser(subparsers: Any) -> None:
         subparsers.add_parser(
             "bench",
             help="time flexbn against torch native and hand compositions (ratios side by side)",
-            description="Time flexbn against torch's native batch norm and each variant's hand-written "
-            "composition (eager and under torch.compile), side by side; print the ratios and the "
-            "issue's targets, write the rows (flexbn.bench has the method).",
+            description="Time flexbn against torch's native batch norm and each variant's hand-written\n"
+            "composition (eager and under torch.compile), side by side; print the ratios and whether\n"
+            "flexbn's performance targets are met (on shapes of at least 2^20 elements), write the\n"
+            "rows. The method: the module notes of flexbn.bench.",
             epilog="variants:\n"
             + "\n".join(f"  {name:<12} {v.description}" for name, v in VARIANTS.items()),
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1263,10 +1368,45 @@ def add_parser(subparsers: Any) -> None:
     )
 
 
+QUICK_NOTE = (
+    "flexbn bench --quick: a smoke run. Tiny shapes, 3 short samples, no torch.compile: it checks that\n"
+    "every candidate runs and agrees with its reference. Per-call overhead dominates such shapes, so the\n"
+    "times say little about speed, and the targets are not judged. For measurements: flexbn bench\n"
+    "(the default shapes; --threads 1 on a busy machine)."
+)
+
+
+def _targets_report(rows: Sequence[Row], *, quick: bool) -> str:
+    """The targets on the rows they apply to, or why they are not judged."""
+    kept, small = judged(rows)
+    found = targets(kept)
+    if quick or not found:
+        if quick:
+            why = "a smoke run (--quick)"
+        elif small:
+            why = (
+                f"every shape is under {TARGET_MIN_ELEMENTS:,} elements, where per-call overhead "
+                "dominates"
+            )
+        else:
+            return ""
+        return f"\ntargets: not judged -- {why}. Run flexbn bench (default shapes) to check them."
+    lines = ["", "targets (training forward+backward unless named):", format_targets(found)]
+    if small:
+        lines.append(
+            f"(not judged on {', '.join(small)}: under {TARGET_MIN_ELEMENTS:,} elements, per-call "
+            "overhead dominates)"
+        )
+    return "\n".join(lines)
+
+
 def run_cli(args: Any) -> int:
     """Run ``flexbn bench`` with parsed ``args``: print the tables and the targets, write the rows; return
     the exit status (2 for bad arguments)."""
     threads = torch.get_num_threads()
+    out = sys.stderr if "-" in (args.json, args.csv) else sys.stdout
+    if args.quick:
+        print(QUICK_NOTE, file=out, flush=True)
     try:
         if args.threads is not None:
             if args.threads < 1:
@@ -1293,16 +1433,16 @@ def run_cli(args: Any) -> int:
         r, loads = rows[0], [x.load for x in rows]
         built = _kernel_build()
         if built:
-            print(built)
+            print(built, file=out)
         print(
-            f"device={r.device}, dtype={r.dtype}, threads={r.threads}, torch={r.torch}, "
-            f"flexbn={r.flexbn}, python={r.python}, load (1 min)={min(loads)}-{max(loads)}"
+            f"device={r.device}, dtype={r.dtype}, threads={r.threads}, load (1 min)="
+            f"{min(loads)}-{max(loads)}\ntorch={r.torch}, flexbn={r.flexbn}, python={r.python}",
+            file=out,
         )
-    print(format_table(rows))
-    found = targets(rows)
-    if found:
-        print("\ntargets (training forward+backward unless named):")
-        print(format_targets(found))
+    print(format_table(rows, wide=args.wide), file=out)
+    report = _targets_report(rows, quick=args.quick)
+    if report:
+        print(report, file=out)
     if args.json:
         write_json(rows, args.json)
     if args.csv:

@@ -74,6 +74,7 @@ def _transformed(*tensors: Tensor | None) -> bool:
     return any(t is not None and wrapped(t) for t in tensors)
 
 
+@_plan.traced_quietly
 def _run(
     x: Tensor,
     running_mean: Tensor | None,

@@ -13,7 +13,10 @@ received.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
+from collections.abc import Callable
 from numbers import Real
 from typing import Any, NamedTuple
 
@@ -61,6 +64,24 @@ class Plan(NamedTuple):
     standard: bool = True
 
 
+def traced_quietly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Under ``torch.jit.trace``, run ``fn`` without the tracer's warnings about Python values taken from
+    traced sizes: the checks and choices made here on shapes are the trace's structure (as for any traced
+    code); what a trace could not keep -- data-dependent segment counts, chunks that depend on the batch
+    size, collectives -- raises instead."""
+
+    @functools.wraps(fn)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if not torch.jit.is_tracing():
+            return fn(*args, **kwargs)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return fn(*args, **kwargs)
+
+    return run
+
+
+@traced_quietly
 def build(
     input: Tensor,
     running_mean: Tensor | None,

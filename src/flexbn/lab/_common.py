@@ -1,4 +1,12 @@
-"""What the lab's experiments share: seeding, progress bars, figures, the digits data, a small MLP.
+"""What the lab's experiments share: one thread, seeding, worker processes, progress bars, figures, the
+digits data, a small MLP.
+
+Every experiment runs with torch on one thread (:func:`one_thread`): the lab's models are small, so a
+second thread costs more in synchronisation than it gains, and the numbers then do not depend on the
+machine's thread count (the C++ kernels and the matrix products reduce in an order that does). Training
+runs that do not depend on each other (seeds, arms, rates) are *jobs* (:func:`map_jobs`): in worker
+processes when ``flexbn lab`` has started some (``--jobs``), one thread each, otherwise one after the
+other; each job seeds itself, so the numbers are the same either way.
 
 The optional extras (``pip install 'flexbn[lab]'``) are imported here and nowhere else: without tqdm the
 loops run without bars, without matplotlib the figures are skipped (:data:`FIGURES_MISSING` says why), and
@@ -8,9 +16,13 @@ reports as a skipped experiment.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import functools
 import math
+import multiprocessing
+import os
+import textwrap
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +50,92 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the block with torch on one thread, and restore the caller's thread count after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+_quiet = False  # a worker process: its bars would garble the main process's
+
+
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterable[T]:
-    """``items`` with a tqdm bar on stderr (only on a terminal; none without tqdm)."""
+    """``items`` with a tqdm bar on stderr (only on a terminal, not in a worker; none without tqdm)."""
+    if _quiet:
+        return items
     try:
         from tqdm import tqdm
     except ImportError:
         return items
     return tqdm(items, desc=desc, total=total, leave=False, disable=None, dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------ worker processes
+
+_pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+
+def default_jobs() -> int:
+    """The default number of worker processes: the CPU cores, at most 8."""
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _init_worker(backend: str) -> None:
+    global _quiet
+    _quiet = True
+    torch.set_num_threads(1)
+    flexbn.set_backend(backend)
+
+
+def _warm_up() -> None:
+    """A worker's first task: load what the jobs need (the digits), while the lab does other work."""
+    with contextlib.suppress(MissingExtra):
+        _load_digits()
+
+
+@contextlib.contextmanager
+def worker_pool(jobs: int) -> Iterator[None]:
+    """Within the block, :func:`map_jobs` runs its jobs in ``jobs`` worker processes (started now and
+    warmed up in the background; one torch thread each, flexbn's current backend); with ``jobs <= 1``,
+    in this process."""
+    global _pool
+    if jobs <= 1 or _pool is not None:
+        yield
+        return
+    context = multiprocessing.get_context("spawn")  # no fork of a process with threads
+    pool = concurrent.futures.ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_init_worker, initargs=(flexbn.get_backend(),)
+    )
+    for _ in range(jobs):
+        pool.submit(_warm_up)
+    _pool = pool
+    try:
+        yield
+    finally:
+        _pool = None
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def map_jobs(fn: Callable[..., T], jobs: Sequence[tuple[Any, ...]], desc: str) -> list[T]:
+    """``[fn(*job) for job in jobs]``, in the worker processes of :func:`worker_pool` if there are any
+    (``fn`` must then be a module-level function), with a progress bar over the jobs.
+
+    >>> map_jobs(pow, [(2, 3), (3, 2)], desc="powers")
+    [8, 9]
+    """
+    if _pool is None or len(jobs) < 2:
+        with one_thread():
+            return [fn(*job) for job in progress(jobs, desc=desc, total=len(jobs))]
+    futures = [_pool.submit(fn, *job) for job in jobs]
+    done = concurrent.futures.as_completed(futures)
+    for _ in progress(done, desc=desc, total=len(futures)):
+        pass
+    return [f.result() for f in futures]
 
 
 def have_matplotlib() -> bool:
@@ -56,32 +147,69 @@ def have_matplotlib() -> bool:
     return True
 
 
+DPI = 160
+# The figures' look, applied while one is drawn (matplotlib.rc_context: restored after): sizes readable
+# on a slide at DPI, light grids.
+STYLE: dict[str, Any] = {
+    "font.size": 11,
+    "axes.titlesize": 12,
+    "axes.labelsize": 11,
+    "legend.fontsize": 10,
+    "xtick.labelsize": 10,
+    "ytick.labelsize": 10,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "lines.linewidth": 1.8,
+    "legend.framealpha": 0.9,
+}
+
+
 def save_figure(
     out: Path | None,
     name: str,
     draw: Callable[[Any], None],
     *,
     ncols: int = 1,
-    size: tuple[float, float] = (6.4, 3.4),
+    size: tuple[float, float] = (6.4, 3.8),
+    note: str = "",
 ) -> tuple[Path, ...]:
-    """Draw ``draw(axes)`` on a new figure of ``ncols`` axes and save it as ``out/name.png``.
+    """Draw ``draw(axes)`` on a new figure of ``ncols`` axes and save it as ``out/name.png`` at
+    :data:`DPI` with :data:`STYLE`; ``note`` is printed under the axes (what the reader must know to
+    read them: overlapping curves, what a band is).
 
     Uses matplotlib's object API with the Agg canvas (no pyplot, no display, no global backend switch).
     Returns the path, or ``()`` when ``out`` is None or matplotlib is missing.
     """
     if out is None or not have_matplotlib():
         return ()
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(size[0] * ncols, size[1]), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, ncols, squeeze=False)[0]
-    draw(axes if ncols > 1 else axes[0])
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.png"
-    fig.savefig(path, dpi=90, metadata={"Software": None})
+    with matplotlib.rc_context(STYLE):
+        fig = Figure(figsize=(size[0] * ncols, size[1]), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(1, ncols, squeeze=False)[0]
+        draw(axes if ncols > 1 else axes[0])
+        if note:  # wrapped to the figure's width (about 12 characters per inch at this size)
+            text = textwrap.fill(note, width=int(size[0] * ncols * 12), break_on_hyphens=False)
+            fig.supxlabel(text, fontsize=9.5, color="0.3")
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=DPI, metadata={"Software": None})
     return (path,)
+
+
+def error_bars(values: Sequence[Sequence[float]]) -> tuple[list[float], list[list[float]]]:
+    """Per point, the mean of its values and matplotlib's ``yerr`` spanning their range.
+
+    >>> error_bars([(1.0, 3.0), (2.0,)])
+    ([2.0, 2.0], [[1.0, 0.0], [1.0, 0.0]])
+    """
+    mid = [mean(v) for v in values]
+    low = [max(0.0, m - min(v)) for m, v in zip(mid, values, strict=True)]  # rounding: never < 0
+    high = [max(0.0, max(v) - m) for m, v in zip(mid, values, strict=True)]
+    return mid, [low, high]
 
 
 def fmt_pct(x: float) -> str:

@@ -39,6 +39,18 @@ MODES: dict[str, tuple[bool, bool] | None] = {
 # more than GROW times its start; the loss is "fixed" if it moves by less than FIXED (relative).
 STAY, GROW, FIXED = 1e-4, 10.0, 1e-5
 
+ABOUT = f"""**Question.** Why must the gradient go through the batch mean? Ioffe & Szegedy
+([2015](https://arxiv.org/abs/1502.03167), §2): with a layer `x = u + b` normalized by `x - E[x]`, a
+gradient step that ignores how `E[x]` depends on `b` changes `b`, but the normalization cancels the change;
+the loss does not move, the same gradient comes back, and "b will grow indefinitely while the loss remains
+fixed".
+
+**Setup.** A fixed batch `u` ({SAMPLES} × {CHANNELS}), a learned bias `b`, `BatchNorm1d({CHANNELS},
+affine=False)` and a squared error to a fixed target whose per-channel means are not zero; {STEPS}
+full-batch gradient-descent steps (learning rate {LR:g}; `--quick`: {QUICK_STEPS}) on `b` alone, from the
+same start, for torch's `BatchNorm1d` and each flexbn mode. `ok` requires no movement of `b` with the mean
+attached, growth beyond {GROW:g}x with it detached, and a fixed loss throughout."""
+
 
 @dataclass(frozen=True)
 class Run:
@@ -152,17 +164,56 @@ def table(runs: list[Run]) -> str:
     return "\n".join(lines)
 
 
+# How each mode is drawn: the modes that behave alike overlap exactly, so each is drawn narrower than
+# the one before it, on top of it, with its own dash pattern -- every curve stays visible.
+_STYLES: dict[str, dict[str, Any]] = {
+    TORCH: {"color": "0.6", "linewidth": 7.0, "linestyle": "-"},
+    "flexbn default": {"color": "C0", "linewidth": 4.0, "linestyle": "-"},
+    "flexbn detach_var": {"color": "C2", "linewidth": 1.8, "linestyle": (0, (4, 2))},
+    "flexbn detach_mean": {"color": "C1", "linewidth": 5.0, "linestyle": "-"},
+    "flexbn detach_mean+var": {"color": "C3", "linewidth": 1.8, "linestyle": (0, (4, 2))},
+}
+
+
 def _draw(runs: list[Run]) -> Any:
     def draw(axes: Any) -> None:
         ax_b, ax_loss = axes
         for r in runs:
-            style = "--" if r.label == TORCH else "-"
-            ax_b.plot(r.b_norm, style, label=r.label)
-            ax_loss.plot(r.loss, style, label=r.label)
+            style = _STYLES.get(r.label, {})
+            ax_b.plot(r.b_norm, label=r.label, solid_capstyle="butt", **style)
+            ax_loss.plot(r.loss, label=r.label, solid_capstyle="butt", **style)
+        steps = len(runs[0].b_norm)
+        at = int(steps * 0.6)
+        for detached in (True, False):
+            group = [r for r in runs if _expect_growth(r.label) == detached]
+            if group:
+                text = "mean detached" if detached else "gradient through the mean"
+                ax_b.annotate(
+                    f"{text}: {len(group)} curves",
+                    (at, group[0].b_norm[at]),
+                    xytext=(6, -14 if detached else 8),
+                    textcoords="offset points",
+                    ha="left",
+                    fontsize=10,
+                )
         top = 1.5 * max(max(r.loss) for r in runs)
-        ax_b.set(xlabel="gradient step", ylabel="|b|", title="the bias b (learned)")
-        ax_loss.set(xlabel="gradient step", ylabel="loss", ylim=(0, top), title="the loss")
-        ax_b.legend(fontsize="small")
+        ax_b.set(xlabel="gradient step", ylabel="|b| (Euclidean norm)", title="The learned bias b")
+        ax_loss.set(
+            xlabel="gradient step",
+            ylabel="loss (mean squared error)",
+            ylim=(0, top),
+            title="The loss",
+        )
+        ax_b.legend(loc="upper left")
+        change = max(r.loss_change for r in runs)
+        ax_loss.annotate(
+            f"all {len(runs)} modes (styles as on the left):\nloss {runs[0].loss[0]:.4g}, relative "
+            f"change at most {change:.0e}",
+            (0.5, 0.3),
+            xycoords="axes fraction",
+            ha="center",
+            fontsize=10,
+        )
 
     return draw
 
@@ -185,9 +236,19 @@ def run(seed: int = 0, *, quick: bool = False, out: Path | None = None) -> Resul
     }
     return Result(
         title="Detached statistics: the bias that grows while the loss stays (Ioffe & Szegedy 2015)",
+        about=ABOUT,
         table=table(runs),
         conclusion=conclusion,
         ok=ok,
-        figures=save_figure(out, "detach", _draw(runs), ncols=2, size=(5.0, 3.4)),
+        figures=save_figure(
+            out,
+            "detach",
+            _draw(runs),
+            ncols=2,
+            size=(5.4, 4.0),
+            note="Curves that coincide are drawn one on another, each narrower and dashed: "
+            "|b| rises for the two modes that detach the mean and stays flat for the other three; "
+            "the loss is the same flat line for all five.",
+        ),
         data={"steps": len(runs[0].b_norm), "modes": data},
     )

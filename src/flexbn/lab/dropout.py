@@ -35,17 +35,20 @@ from ._common import (
     MLP,
     Digits,
     digits,
+    error_bars,
     fit,
     fmt_pct,
     iid_batches,
-    progress,
+    map_jobs,
+    mean,
     save_figure,
     seeded,
 )
 from ._common import accuracy as eval_accuracy
 
 BATCH, LR = 32, 0.05
-EPOCHS, QUICK_EPOCHS = 15, 6
+EPOCHS, QUICK_EPOCHS = 10, 6
+SEEDS, QUICK_SEEDS = 3, 1
 RATES, QUICK_RATES = (0.0, 0.2, 0.5, 0.7), (0.0, 0.5)
 PLAIN, RECOMPUTE, STATS_INPUT = "plain", "recompute_stats", "stats_input"
 ARMS = (PLAIN, RECOMPUTE, STATS_INPUT)
@@ -53,11 +56,28 @@ ARMS = (PLAIN, RECOMPUTE, STATS_INPUT)
 # bring it within REPAIRED of 1.
 SHIFT, REPAIRED = 0.9, 0.1
 
+ABOUT = f"""**Question.** Li, Chen, Hu & Yang ([2019](https://arxiv.org/abs/1801.05134)) trace the accuracy
+lost when dropout precedes batch norm to a *variance shift*: dropout raises the variance of the activations
+in training (the kept ones are scaled by `1 / (1 - p)`), the batch norm after it learns running statistics
+of that, and at inference, with dropout off, it divides by a variance that is too large. Two repairs flexbn
+offers: recompute the statistics after training with dropout off (`flexbn.recompute_stats`, precise
+batch norm), or take the batch norm's statistics from the activations before dropout in the first place
+(`bn(fc(dropout(h)), stats_input=fc(h))`).
+
+**Setup.** The digits MLP with `Dropout(p)` before its second linear layer (so the second batch norm sees
+dropped-out activations), batches of {BATCH}, {EPOCHS} epochs, `p` in {", ".join(map(str, RATES))},
+{SEEDS} seeds (`--quick`: {QUICK_EPOCHS} epochs, `p` in {", ".join(map(str, QUICK_RATES))}, {QUICK_SEEDS}
+seed). Measured: the second batch norm's *variance ratio* -- its input's variance at inference on the
+held-out images over its running variance, per channel, averaged (1 = no shift) -- and held-out accuracy.
+`ok` requires a plain ratio below {SHIFT} at the largest `p` and both repaired ratios within {REPAIRED} of
+1."""
+
 
 @dataclass(frozen=True)
 class Point:
-    """One (rate, arm): the second batch norm's variance ratio (mean over channels; min, max) and the
-    held-out accuracy."""
+    """One (rate, arm), over seeds: the second batch norm's variance ratio (the mean over channels,
+    averaged over seeds; the smallest and largest channel of any seed; each seed's) and the held-out
+    accuracy (the mean over seeds; each seed's)."""
 
     rate: float
     arm: str
@@ -65,6 +85,8 @@ class Point:
     ratio_min: float
     ratio_max: float
     accuracy: float
+    ratios: tuple[float, ...] = ()
+    accuracies: tuple[float, ...] = ()
 
 
 def _ratios(model: MLP, data: Digits) -> torch.Tensor:
@@ -93,34 +115,69 @@ def train(rate: float, stats_before_dropout: bool, data: Digits, seed: int, epoc
     return model
 
 
-def measure(seed: int = 0, epochs: int = EPOCHS, rates: tuple[float, ...] = RATES) -> list[Point]:
-    """Train and measure every arm at every rate on one split.
+# (ratio mean over channels, min, max, held-out accuracy) of one trained model
+_Measured = tuple[float, float, float, float]
 
-    >>> points = measure(0, epochs=1, rates=(0.5,))
+
+def _job(rate: float, split: int, seed: int, epochs: int) -> dict[str, _Measured]:
+    """One seed at one rate (a job for a worker process): the three arms' measurements."""
+    data = digits(split)
+    plain = train(rate, False, data, seed, epochs)
+    recomputed = copy.deepcopy(plain)
+    batches = [data.x_train[i : i + 256] for i in range(0, len(data.x_train), 256)]
+    flexbn.recompute_stats(recomputed, batches)
+    models = {
+        PLAIN: plain,
+        RECOMPUTE: recomputed,
+        STATS_INPUT: train(rate, True, data, seed, epochs),
+    }
+    measured = {}
+    for arm, model in models.items():
+        r = _ratios(model, data)
+        acc = eval_accuracy(model, data.x_test, data.y_test)
+        measured[arm] = (r.mean().item(), r.min().item(), r.max().item(), acc)
+    return measured
+
+
+def measure(
+    seed: int = 0, epochs: int = EPOCHS, rates: tuple[float, ...] = RATES, seeds: int = SEEDS
+) -> list[Point]:
+    """Train and measure every arm at every rate for ``seeds`` seeds (``seed``, ``seed + 10``, ...) on
+    one split.
+
+    >>> points = measure(0, epochs=1, rates=(0.5,), seeds=1)
     >>> [p.arm for p in points], all(p.ratio > 0 for p in points)
     (['plain', 'recompute_stats', 'stats_input'], True)
     """
-    data = digits(seed)
+    jobs = [(rate, seed, seed + 10 * s, epochs) for rate in rates for s in range(seeds)]
+    done = map_jobs(_job, jobs, desc="dropout runs")
     points = []
-    for rate in progress(rates, desc="dropout"):
-        plain = train(rate, False, data, seed, epochs)
-        recomputed = copy.deepcopy(plain)
-        batches = [data.x_train[i : i + 256] for i in range(0, len(data.x_train), 256)]
-        flexbn.recompute_stats(recomputed, batches)
-        models = {
-            PLAIN: plain,
-            RECOMPUTE: recomputed,
-            STATS_INPUT: train(rate, True, data, seed, epochs),
-        }
-        for arm, model in models.items():
-            r = _ratios(model, data)
-            acc = eval_accuracy(model, data.x_test, data.y_test)
-            points.append(Point(rate, arm, r.mean().item(), r.min().item(), r.max().item(), acc))
+    for i, rate in enumerate(rates):
+        runs = done[i * seeds : (i + 1) * seeds]
+        for arm in ARMS:
+            m = [run[arm] for run in runs]
+            points.append(
+                Point(
+                    rate,
+                    arm,
+                    ratio=mean(x[0] for x in m),
+                    ratio_min=min(x[1] for x in m),
+                    ratio_max=max(x[2] for x in m),
+                    accuracy=mean(x[3] for x in m),
+                    ratios=tuple(x[0] for x in m),
+                    accuracies=tuple(x[3] for x in m),
+                )
+            )
     return points
 
 
 def _point(points: list[Point], rate: float, arm: str) -> Point:
     return next(p for p in points if p.rate == rate and p.arm == arm)
+
+
+def _seed_spread(points: list[Point]) -> float:
+    """The largest difference between two seeds' accuracies at one (rate, arm)."""
+    return max((max(p.accuracies) - min(p.accuracies) for p in points if p.accuracies), default=0.0)
 
 
 def conclude(points: list[Point]) -> tuple[str, bool]:
@@ -131,17 +188,26 @@ def conclude(points: list[Point]) -> tuple[str, bool]:
     plain, rec, pre = (_point(points, top, arm) for arm in ARMS)
     base = min(p.rate for p in points)
     ref = _point(points, base, PLAIN)
+    seeds = max(len(p.accuracies) for p in points)
+    over = f"mean of {seeds} seeds" if seeds > 1 else "one seed"
     accs = [p.accuracy for p in points if p.rate == top]
-    spread = max(accs) - min(accs)
+    gap = max(accs) - min(accs)
+    spread = _seed_spread(points)
     text = (
         f"Dropout (p={top}) before batch norm shifts the variance: at inference the layer's input "
         f"variance is {plain.ratio:.2f}x its running variance (channels {plain.ratio_min:.2f}-"
         f"{plain.ratio_max:.2f}; {ref.ratio:.2f}x at p={base}), as Li et al. (2019) predict. "
         f"flexbn.recompute_stats brings it to {rec.ratio:.2f}x and statistics taken before dropout "
-        f"(stats_input=) to {pre.ratio:.2f}x. Held-out accuracy: {fmt_pct(plain.accuracy)} plain, "
-        f"{fmt_pct(rec.accuracy)} recomputed, {fmt_pct(pre.accuracy)} with stats_input"
+        f"(stats_input=) to {pre.ratio:.2f}x ({over}). Held-out accuracy: {fmt_pct(plain.accuracy)} "
+        f"plain, {fmt_pct(rec.accuracy)} recomputed, {fmt_pct(pre.accuracy)} with stats_input"
     )
-    if spread < 0.01:
+    if seeds > 1 and gap <= spread:
+        text += (
+            f" -- differences within the seeds' spread ({100 * spread:.1f} points): this small MLP's "
+            "accuracy barely feels the shift (the ReLU and the last layer absorb a uniform "
+            "rescaling), the variance ratio shows it."
+        )
+    elif seeds == 1 and gap < 0.01:
         text += (
             " -- this small MLP's accuracy barely feels the shift (the ReLU and the last layer "
             "absorb a uniform rescaling), the variance ratio shows it."
@@ -155,7 +221,7 @@ def conclude(points: list[Point]) -> tuple[str, bool]:
 
 
 def table(points: list[Point]) -> str:
-    """Variance ratio and accuracy per dropout rate and arm."""
+    """Variance ratio and accuracy per dropout rate and arm (means over seeds)."""
     head = f"{'dropout p':>9}  " + "".join(f"{arm:>26}" for arm in ARMS)
     sub = f"{'':>9}  " + "".join(f"{'var ratio  accuracy':>26}" for _ in ARMS)
     lines = [head, sub, "-" * len(head)]
@@ -165,9 +231,11 @@ def table(points: list[Point]) -> str:
             p = _point(points, rate, arm)
             row += f"{p.ratio:>16.3f}{fmt_pct(p.accuracy):>10}"
         lines.append(row)
+    seeds = max(len(p.accuracies) for p in points)
     lines.append(
         "\nvar ratio: the second batch norm's input variance at inference (held-out data) over its "
-        "running\nvariance, mean over channels (1 = no shift); accuracy: held-out, eval mode"
+        "running\nvariance, mean over channels (1 = no shift); accuracy: held-out, eval mode; "
+        + (f"means of {seeds} seeds" if seeds > 1 else "one seed")
     )
     return "\n".join(lines)
 
@@ -176,18 +244,38 @@ def _draw(points: list[Point]) -> Any:
     def draw(axes: Any) -> None:
         ax_ratio, ax_acc = axes
         rates = sorted({p.rate for p in points})
-        for arm in ARMS:
+        dodge = 0.012 * (max(rates) - min(rates) or 1)
+        for i, (arm, marker) in enumerate(zip(ARMS, "osD", strict=True)):
             ps = [_point(points, r, arm) for r in rates]
-            ax_ratio.plot(rates, [p.ratio for p in ps], "o-", label=arm)
-            ax_acc.plot(rates, [100 * p.accuracy for p in ps], "o-", label=arm)
-        ax_ratio.axhline(1.0, color="black", linewidth=0.8, linestyle=":")
+            xs = [r + (i - 1) * dodge for r in rates]
+            for ax, values in (
+                (ax_ratio, [p.ratios or (p.ratio,) for p in ps]),
+                (ax_acc, [tuple(100 * a for a in (p.accuracies or (p.accuracy,))) for p in ps]),
+            ):
+                mid, yerr = error_bars(values)
+                ax.errorbar(
+                    xs,
+                    mid,
+                    yerr=yerr,
+                    fmt=f"{marker}-",
+                    capsize=3,
+                    markersize=5,
+                    label=arm,
+                )
+        ax_ratio.axhline(1.0, color="black", linewidth=0.9, linestyle=":", label="no shift")
         ax_ratio.set(
             xlabel="dropout rate p",
-            ylabel="inference / running variance (mean)",
+            ylabel="inference variance / running variance",
             title="Variance shift at the BN after dropout",
         )
-        ax_acc.set(xlabel="dropout rate p", ylabel="held-out accuracy (%)", title="Accuracy")
-        ax_ratio.legend(fontsize="small")
+        ax_acc.set(
+            xlabel="dropout rate p",
+            ylabel="held-out accuracy (%)",
+            title="Held-out accuracy, eval mode",
+        )
+        for ax in axes:
+            ax.set_xticks(rates)
+            ax.legend(loc="lower left")
 
     return draw
 
@@ -195,14 +283,31 @@ def _draw(points: list[Point]) -> Any:
 def run(seed: int = 0, *, quick: bool = False, out: Path | None = None) -> Result:
     """The lab experiment: :func:`measure` (two rates and fewer epochs when ``quick``), its table,
     conclusion and figure (``out/dropout.png``)."""
-    points = measure(seed, QUICK_EPOCHS, QUICK_RATES) if quick else measure(seed, EPOCHS, RATES)
+    if quick:
+        points = measure(seed, QUICK_EPOCHS, QUICK_RATES, QUICK_SEEDS)
+    else:
+        points = measure(seed, EPOCHS, RATES, SEEDS)
     conclusion, ok = conclude(points)
+    seeds = max(len(p.accuracies) for p in points)
     return Result(
         title="Dropout before BN: the variance shift and its repairs (Li et al. 2019)",
+        about=ABOUT,
         table=table(points),
         conclusion=conclusion,
         ok=ok,
-        figures=save_figure(out, "dropout", _draw(points), ncols=2, size=(5.0, 3.4)),
+        figures=save_figure(
+            out,
+            "dropout",
+            _draw(points),
+            ncols=2,
+            size=(5.4, 4.0),
+            note=(
+                f"markers: mean of {seeds} seeds; bars: range over the seeds (ratio: mean over "
+                "channels); markers shifted sideways to keep the arms apart"
+                if seeds > 1
+                else "one seed (--quick): no spread; markers shifted sideways to keep the arms apart"
+            ),
+        ),
         data={
             "points": [
                 {
@@ -212,6 +317,8 @@ def run(seed: int = 0, *, quick: bool = False, out: Path | None = None) -> Resul
                     "ratio_min": p.ratio_min,
                     "ratio_max": p.ratio_max,
                     "accuracy": p.accuracy,
+                    "ratios": p.ratios,
+                    "accuracies": p.accuracies,
                 }
                 for p in points
             ]

@@ -22,7 +22,19 @@ from torch import nn
 import flexbn
 
 from . import Result
-from ._common import MLP, digits, fit, fmt_pct, iid_batches, mean, progress, save_figure, seeded
+from ._common import (
+    MLP,
+    Fit,
+    digits,
+    error_bars,
+    fit,
+    fmt_pct,
+    iid_batches,
+    map_jobs,
+    mean,
+    save_figure,
+    seeded,
+)
 
 BATCH, LR = 256, 0.1
 EPOCHS, QUICK_EPOCHS = 40, 20
@@ -31,6 +43,18 @@ SEEDS, QUICK_SEEDS = 3, 1
 # The claimed effect: smaller ghost batches add noise, so the smallest size ends with at least NOISIER
 # times plain batch norm's training loss. And the ghost batches must be what flexbn says (CHUNK_TOL).
 NOISIER, CHUNK_TOL = 2.0, 1e-5
+
+ABOUT = f"""**Question.** Ghost batch norm (Hoffer, Hubara & Soudry
+[2017](https://arxiv.org/abs/1705.08741)) takes the statistics over small "virtual" batches inside a
+large batch, to bring back the regularising noise of small-batch statistics; the paper reports it narrows
+the generalisation gap of large-batch training.
+
+**Setup.** The digits MLP, batches of {BATCH}, SGD (lr {LR}), {EPOCHS} epochs, {SEEDS} seeds, with
+`flexbn.BatchNorm1d(virtual_batch_size=v)` for `v` in {", ".join(map(str, SIZES))} ({BATCH}: plain batch
+norm); `--quick`: {QUICK_EPOCHS} epochs, `v` in {", ".join(map(str, QUICK_SIZES))}, {QUICK_SEEDS} seed.
+Before training, the module's output is checked against torch's batch norm applied chunk by chunk. `ok`
+requires that equality (within {CHUNK_TOL:.0e}) and a training loss at least {NOISIER:g}x plain batch
+norm's at the smallest size."""
 
 
 @dataclass(frozen=True)
@@ -73,27 +97,32 @@ def measure(
     >>> [p.size for p in measure(0, epochs=1, sizes=(256, 64), seeds=1)]
     [256, 64]
     """
-    data = digits(seed)
-    n = len(data.x_train)
+    jobs = [(size, seed, seed + 10 * s, epochs) for size in sizes for s in range(seeds)]
+    done = map_jobs(_job, jobs, desc="ghost runs")
     points = []
-    for size in progress(sizes, desc="ghost"):
-        accs, losses = [], []
-        for s in range(seeds):
-            with seeded(seed + 10 * s):
-                model = MLP(virtual_batch_size=None if size >= BATCH else size)
-            f = fit(
-                model,
-                data,
-                lambda gen: iid_batches(n, BATCH, gen),
-                epochs=epochs,
-                lr=LR,
-                seed=seed + 10 * s + 1,
-                desc=f"ghost {size}",
-            )
-            accs.append(f.accuracy[-1])
-            losses.append(f.train_loss)
-        points.append(Point(size, tuple(accs), tuple(losses)))
+    for i, size in enumerate(sizes):
+        fits = done[i * seeds : (i + 1) * seeds]
+        points.append(
+            Point(size, tuple(f.accuracy[-1] for f in fits), tuple(f.train_loss for f in fits))
+        )
     return points
+
+
+def _job(size: int, split: int, seed: int, epochs: int) -> Fit:
+    """One training run (a job for a worker process): ghost size ``size``, the split of ``split``."""
+    data = digits(split)
+    n = len(data.x_train)
+    with seeded(seed):
+        model = MLP(virtual_batch_size=None if size >= BATCH else size)
+    return fit(
+        model,
+        data,
+        lambda gen: iid_batches(n, BATCH, gen),
+        epochs=epochs,
+        lr=LR,
+        seed=seed + 1,
+        desc=f"ghost {size}",
+    )
 
 
 def conclude(points: list[Point], chunk_error: float) -> tuple[str, bool]:
@@ -159,28 +188,36 @@ def _draw(points: list[Point]) -> Any:
     def draw(axes: Any) -> None:
         ax_acc, ax_loss = axes
         sizes = [p.size for p in points]
-        ax_acc.errorbar(
-            sizes,
-            [100 * mean(p.accuracy) for p in points],
-            yerr=[
-                [100 * (mean(p.accuracy) - min(p.accuracy)) for p in points],
-                [100 * (max(p.accuracy) - mean(p.accuracy)) for p in points],
-            ],
-            fmt="o-",
-            capsize=3,
-        )
-        ax_loss.plot(sizes, [mean(p.train_loss) for p in points], "o-", color="C1")
-        for ax in axes:
+        seeds = len(points[0].accuracy)
+        for ax, values, color, what in (
+            (ax_acc, [tuple(100 * a for a in p.accuracy) for p in points], "C0", "accuracy"),
+            (ax_loss, [p.train_loss for p in points], "C1", "training loss"),
+        ):
+            mid, yerr = error_bars(values)
+            ax.errorbar(
+                sizes,
+                mid,
+                yerr=yerr,
+                fmt="o-",
+                capsize=3,
+                color=color,
+                label=f"{what}, mean of {seeds} seeds (bars: range)" if seeds > 1 else what,
+            )
             ax.set_xscale("log", base=2)
             ax.set_xticks(sizes, [str(s) for s in sizes])
-            ax.set_xlabel(f"virtual_batch_size (batch {BATCH})")
+            ax.set_xlabel(f"virtual_batch_size (samples; batch {BATCH})")
+            ax.legend(loc="lower left")
         low = min(100 * min(p.accuracy) for p in points)
         ax_acc.set(
-            ylabel="held-out accuracy (%)",
+            ylabel="held-out accuracy, eval mode (%)",
             ylim=(max(0.0, low - 3), 100),
-            title="Accuracy (range over seeds)",
+            title="Held-out accuracy",
         )
-        ax_loss.set(yscale="log", ylabel="training loss, last epoch", title="Training loss")
+        ax_loss.set(
+            yscale="log",
+            ylabel="training loss (cross-entropy)",
+            title="Training loss, mean over the last epoch",
+        )
 
     return draw
 
@@ -197,10 +234,19 @@ def run(seed: int = 0, *, quick: bool = False, out: Path | None = None) -> Resul
     conclusion, ok = conclude(points, chunk_error)
     return Result(
         title="Ghost batch sizes: accuracy vs virtual_batch_size (Hoffer et al. 2017)",
+        about=ABOUT,
         table=table(points),
         conclusion=conclusion,
         ok=ok,
-        figures=save_figure(out, "ghost", _draw(points), ncols=2, size=(4.8, 3.4)),
+        figures=save_figure(
+            out,
+            "ghost",
+            _draw(points),
+            ncols=2,
+            size=(5.4, 4.0),
+            note=f"{BATCH} = one ghost batch: plain batch norm. Smaller ghost batches: noisier "
+            "statistics, a higher training loss.",
+        ),
         data={
             "chunk_error": chunk_error,
             "points": [

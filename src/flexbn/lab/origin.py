@@ -1,10 +1,12 @@
-"""The origin question (``shared/origin.md``): are ``mu`` and ``var`` in batch norm gradient-tracked?
+"""The origin question: are ``mu`` and ``var`` in batch norm gradient-tracked?
 
-The experiment of the thread, as posted: seed 2809, ``x = randn(10, 3, 4, 4)``, loss ``y.abs().sum()``, a
+A user asked on the PyTorch forum whether, in ``y = (x - mu) / sqrt(var + eps)``, batch norm's ``mu`` and
+``var`` are plain numbers or gradient-tracked tensors, and posted an experiment to find out (retold in
+``docs/why.md``): seed 2809, ``x = randn(10, 3, 4, 4)``, loss ``y.abs().sum()``, a
 ``BatchNorm2d(3, affine=False)`` in training mode, compared with the hand-written composition
-``(x - mean) / sqrt(var + eps)`` with and without ``.detach()`` of the statistics -- and with each flexbn
-mode, all on the same ``x``. It runs in float32 (the thread's dtype) and in float64, where "equal" means
-equal to rounding (~1e-15) and the verdict is taken.
+``(x - mean) / sqrt(var + eps)`` with and without ``.detach()`` of the statistics. Here that experiment
+runs as posted, with each flexbn mode beside it, all on the same ``x``, in float32 (the post's dtype) and
+in float64, where "equal" means equal to rounding (~1e-15) and the verdict is taken.
 
 ``python -m flexbn.lab.origin`` (or ``flexbn lab --only origin``) prints the answer.
 """
@@ -31,7 +33,7 @@ DIMS = (0, 2, 3)
 # Max |difference| below which two results are "equal", per dtype (gradients are of order 1).
 TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-5, torch.float64: 1e-10}
 DTYPES = (torch.float32, torch.float64)
-# Detach flags (mean, var) of the thread's two compositions.
+# Detach flags (mean, var) of the post's two compositions.
 TRACKED, DETACHED = (False, False), (True, True)
 # flexbn's modes and the composition each must equal.
 MODES: dict[str, tuple[bool, bool]] = {
@@ -44,9 +46,19 @@ TORCH = "torch.nn.BatchNorm2d"
 
 Fn = Callable[[Tensor], Tensor]
 
+ABOUT = """**Question.** In `torch.nn.BatchNorm2d`, are `mu` and `var` in `(x - mu) / sqrt(var + eps)` plain
+numbers or gradient-tracked tensors? (A question asked on the PyTorch forum; flexbn's `docs/why.md` retells
+it with the answer.)
+
+**Setup.** The experiment posted with the question: seed 2809, `x = randn(10, 3, 4, 4)`, loss
+`y.abs().sum()`, `BatchNorm2d(3, affine=False)` in training mode against the hand composition with and
+without `.detach()` of the statistics; beside it each flexbn mode against the composition detaching what it
+detaches. In float32 (the post's dtype) and float64, where "equal" means equal to rounding. `ok` requires
+every flexbn mode to equal its composition; torch's behaviour is reported, whatever it is."""
+
 
 def composition(x: Tensor, detach_mean: bool = False, detach_var: bool = False) -> Tensor:
-    """The thread's manual batch norm ``(x - mean) / sqrt(var + eps)``, with ``.detach()`` of each
+    """The post's manual batch norm ``(x - mean) / sqrt(var + eps)``, with ``.detach()`` of each
     statistic as chosen (biased variance over all dimensions but the channel one).
 
     >>> x = torch.tensor([[[[1.0]], [[2.0]]], [[[3.0]], [[6.0]]]])  # (N=2, C=2, 1, 1)
@@ -125,7 +137,7 @@ class Measurement:
 
 
 def measure(seed: int = SEED, dtype: torch.dtype = torch.float64) -> Measurement:
-    """Run every variant on the thread's ``x`` (converted to ``dtype``) and measure it against the
+    """Run every variant on the post's ``x`` (converted to ``dtype``) and measure it against the
     compositions.
 
     >>> m = measure(dtype=torch.float64)
@@ -133,7 +145,7 @@ def measure(seed: int = SEED, dtype: torch.dtype = torch.float64) -> Measurement
     (True, [])
     """
     torch.manual_seed(seed)
-    x = torch.randn(*SHAPE).to(dtype)  # the thread's float32 x, the same values in every dtype
+    x = torch.randn(*SHAPE).to(dtype)  # the post's float32 x, the same values in every dtype
     refs = {
         flags: _output_and_grad(_composition(flags), x)
         for flags in {TRACKED, DETACHED, *MODES.values()}
@@ -160,7 +172,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def table(m: Measurement) -> str:
     """The measurement as aligned plain text: one row per variant, max |difference| per column."""
-    note = "the thread's dtype" if m.dtype == torch.float32 else "exact to rounding"
+    note = "the post's dtype" if m.dtype == torch.float32 else "exact to rounding"
     w = (24, 11, 15, 12, 15)
     lines = [
         f"in {_dtype_name(m.dtype)} ({note}), max |difference|:",
@@ -247,7 +259,7 @@ def conclude(measurements: list[Measurement]) -> tuple[str, bool]:
 
 
 LEGEND = (
-    "max |difference| over all elements; 'manual' = the thread's composition (x - mean) / sqrt(var + eps);\n"
+    "max |difference| over all elements; 'manual' = the post's composition (x - mean) / sqrt(var + eps);\n"
     "'no .detach()' / '.detach()' = with mean and var tracked / detached; 'own mode' = against the\n"
     "composition detaching what that flexbn mode detaches (ok: within {tols})."
 )
@@ -259,22 +271,27 @@ def _draw(m: Measurement) -> Any:
     def draw(ax: Any) -> None:
         floor = m.tolerance * 1e-7  # an exact 0 drawn at the bottom of the log axis
         xs = range(len(m.rows))
-        for shift, column, label in (
-            (-0.2, "grad_tracked", "vs the composition without .detach()"),
-            (0.2, "grad_detached", "vs the composition with .detach()"),
+        for shift, column, label, color in (
+            (-0.2, "grad_tracked", "vs the composition without .detach()", "C0"),
+            (0.2, "grad_detached", "vs the composition with .detach()", "C1"),
         ):
             values = [max(getattr(r, column), floor) for r in m.rows]
-            ax.bar([x + shift for x in xs], values, width=0.4, label=label)
-        ax.axhline(m.tolerance, color="black", linewidth=0.8, linestyle=":", label="'equal' below")
-        ax.set_xticks(
-            list(xs), [r.label for r in m.rows], rotation=25, ha="right", fontsize="small"
+            ax.bar([x + shift for x in xs], values, width=0.4, label=label, color=color)
+        ax.axhline(
+            m.tolerance,
+            color="black",
+            linewidth=1,
+            linestyle=":",
+            label=f"'equal' threshold ({m.tolerance:.0e})",
         )
+        ax.set_xticks(list(xs), [r.label for r in m.rows], rotation=25, ha="right")
         ax.set(
             yscale="log",
+            ylim=(floor / 3, 1e3),
             ylabel="max |input-gradient difference|",
-            title=f"Input gradient of each variant, {_dtype_name(m.dtype)}",
+            title=f"Input gradient of each variant against the two compositions ({_dtype_name(m.dtype)})",
         )
-        ax.legend(fontsize="small")
+        ax.legend(loc="upper left", ncols=3, fontsize=9.5)
 
     return draw
 
@@ -288,11 +305,19 @@ def run(seed: int = SEED, *, quick: bool = False, out: Path | None = None) -> Re
     tols = ", ".join(f"{m.tolerance:.0e} in {_dtype_name(m.dtype)}" for m in measurements)
     text = "\n\n".join([*map(table, measurements), LEGEND.format(tols=tols)])
     return Result(
-        title="Are mu and var in batch norm gradient-tracked? (origin.md)",
+        title="Are mu and var in batch norm gradient-tracked? (the question behind flexbn)",
+        about=ABOUT,
         table=text,
         conclusion=conclusion,
         ok=ok,
-        figures=save_figure(out, "origin", _draw(measurements[-1]), size=(7.0, 4.2)),
+        figures=save_figure(
+            out,
+            "origin",
+            _draw(measurements[-1]),
+            size=(9.0, 5.0),
+            note="A short bar is a match (below the threshold, to rounding); an exact 0 is drawn at "
+            f"{TOLERANCE[torch.float64] * 1e-7:.0e}. Dimensionless: gradients are of order 1.",
+        ),
         data={
             _dtype_name(m.dtype): {
                 r.label: {
