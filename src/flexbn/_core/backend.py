@@ -1,4 +1,5 @@
-"""Backends: which implementation of the core's operations runs (``reference``, ``cpp``, ``compiled``).
+"""Backends: which implementation of the core's operations runs (``reference``, ``cpp``, ``compiled``,
+``triton``).
 
 * ``reference``: plain torch (``reference.py``). Always available; several torch kernels per operation.
 * ``cpp``: hand-written C++/OpenMP kernels for CPU tensors (``kernels.cpp``): one pass for the statistics,
@@ -7,12 +8,17 @@
   system C++ compiler and cached on disk (``native``).
 * ``compiled``: the reference operations compiled by ``torch.compile`` (Inductor: C++/OpenMP loops on CPU,
   Triton on CUDA), one compiled copy per configuration, seconds at its first call.
+* ``triton``: hand-written Triton kernels for CUDA tensors (``triton_kernels``): one pass for the
+  statistics, one for the output, two for the backward, for every statistics set, gradient mode and
+  layout, float16/bfloat16/float32/float64. Needs Triton (``pip install 'flexbn[cuda]'``); CPU tensors only
+  in Triton's interpreter (``TRITON_INTERPRET=1``, for testing). Not yet measured on a GPU, so explicit
+  only (``docs/cuda.md``).
 * ``auto`` (the default): the fastest measured. torch's own batch norm wherever it computes what flexbn
   would (eval with running statistics; small training batches without flexbn options, where the fixed
   cost per call decides; devices without flexbn kernels), else ``cpp`` for CPU tensors where the kernels
   can be obtained (if they cannot: ``reference``, with a ``UserWarning`` once naming the reason and the
   fix; ``flexbn.backend_info()`` says which runs). CUDA tensors with flexbn options get the reference:
-  ``compiled`` (Triton) has not been measured on a GPU, so it is no one's default until it is.
+  ``compiled`` and ``triton`` have not been measured on a GPU, so they are no one's default until they are.
 
 The choice: :func:`use_backend` (a ``with`` block, for the current thread or task: a ``ContextVar``), else
 :func:`set_backend` (the process), else the environment variable ``FLEXBN_BACKEND``, else ``auto``. It is
@@ -50,7 +56,7 @@ __all__ = [
     "use_backend",
 ]
 
-BACKENDS = ("auto", "reference", "cpp", "compiled")
+BACKENDS = ("auto", "reference", "cpp", "compiled", "triton")
 _log = logging.getLogger("flexbn")
 _DEFAULT = "auto"
 _context: contextvars.ContextVar[str | None] = contextvars.ContextVar(
@@ -100,7 +106,7 @@ def requested() -> str:
 
 def set_backend(name: str | None) -> None:
     """Select the backend for every flexbn call of this process (outside :func:`use_backend` blocks):
-    ``"auto"`` (default), ``"reference"``, ``"cpp"`` or ``"compiled"``; ``None`` goes back to
+    ``"auto"`` (default), ``"reference"``, ``"cpp"``, ``"compiled"`` or ``"triton"``; ``None`` goes back to
     ``$FLEXBN_BACKEND`` or the default. Asking for a backend that cannot run here raises ``RuntimeError``.
 
     >>> import flexbn
@@ -137,6 +143,10 @@ def _check_runnable(name: str) -> str:
         raise RuntimeError(f"flexbn backend 'compiled' is unavailable here: {_why_not('cpu')}")
     if name == "cpp" and not cpp_available():
         raise RuntimeError(f"flexbn backend 'cpp' is unavailable here: {_kernels().why_not()}")
+    if name == "triton":
+        why = triton_why_not()
+        if why:
+            raise RuntimeError(f"flexbn backend 'triton' is unavailable here: {why}")
     return name
 
 
@@ -149,6 +159,30 @@ def _kernels() -> types.ModuleType:
 
         _loaded.append(kernels)
     return _loaded[0]
+
+
+def _triton() -> types.ModuleType:
+    """The Triton kernels (imported on first request: Triton is not a requirement of flexbn)."""
+    try:
+        from . import triton_kernels
+    except ImportError as err:
+        raise RuntimeError(
+            f"flexbn backend 'triton' needs Triton ({err}); install it with pip install 'flexbn[cuda]'"
+        ) from err
+    return triton_kernels
+
+
+def triton_why_not() -> str:
+    """Why the ``triton`` backend cannot run here (``""``: it can): Triton missing, or no CUDA device
+    outside Triton's interpreter."""
+    try:
+        kernels = _triton()
+    except RuntimeError as err:
+        return str(err)
+    if torch.cuda.is_available():
+        return ""
+    why = kernels.why_not(torch.device("cpu"))
+    return why and f"no CUDA device (torch.cuda.is_available() is False); {why}"
 
 
 def cpp_available() -> bool:
@@ -188,8 +222,9 @@ def _plain(t: Tensor) -> bool:
 
 
 def implementation(name: str, *tensors: Tensor | None) -> Any:
-    """The module implementing the operations for this call: ``reference``, ``kernels`` (``cpp``) or
-    ``compiled``, for the requested backend ``name`` and the call's tensors (the input first)."""
+    """The module implementing the operations for this call: ``reference``, ``kernels`` (``cpp``),
+    ``compiled`` or ``triton_kernels``, for the requested backend ``name`` and the call's tensors (the
+    input first)."""
     if name == "reference":
         return _reference
     x = tensors[0]
@@ -204,6 +239,14 @@ def implementation(name: str, *tensors: Tensor | None) -> Any:
         if name == "auto" and device == "cpu":
             _log_once(device)
         return _reference
+    if name == "triton":
+        if device == "meta" or not all(t is None or _plain(t) for t in tensors):
+            return _reference  # shapes only, or a transform's tensors
+        kernels = _triton()
+        why = kernels.why_not(x.device) if x is not None else ""
+        if why:
+            raise RuntimeError(f"flexbn backend 'triton' cannot run this call: {why}")
+        return kernels if kernels.supports(*tensors) else _reference
     if name == "compiled" and device != "meta" and all(t is None or _plain(t) for t in tensors):
         if not compiled_available(device):
             raise RuntimeError(
@@ -224,5 +267,5 @@ def _log_once(device: str) -> None:
             _kernels().native.warn_unavailable(why)
         why = why or "unsupported tensors"
     else:
-        why = "no fast path measured on this device; flexbn.set_backend('compiled') to try Inductor"
+        why = "no fast path measured on this device; flexbn.set_backend('triton') to try flexbn's kernels"
     _log.debug("flexbn: reference backend on %s (%s)", device, why)
