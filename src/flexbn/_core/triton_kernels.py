@@ -555,8 +555,8 @@ def _launch(interpret: bool, nlc: bool, rows: int, channels: int) -> _Launch:
         if nlc:
             block_c = min(64, triton.next_power_of_2(channels))
             block_r = max(16, 4096 // block_c)
-        else:
-            block_c, block_r = 1, 1024
+        else:  # one channel per program (several past the grid's 65535 channel blocks)
+            block_c, block_r = triton.next_power_of_2(triton.cdiv(channels, 65535)), 1024
     per_unit = rows * triton.cdiv(channels, block_c) / (target * block_r)
     chunk = block_r * min(_MAX_FLUSH, _pow2_at_most(per_unit))
     return _Launch(interpret, block_r, block_c, chunk, block_u)
@@ -646,7 +646,8 @@ def _units(geo: _Geo) -> _Units:
     # count of units is bounded without reading the ids on the host (no synchronisation).
     ids, g = geo.ids, geo.g
     perm = torch.argsort(ids, stable=True)
-    per_segment = torch.bincount(ids, minlength=g)[:g]
+    per_segment = torch.zeros(g, dtype=torch.int64, device=ids.device)  # (not bincount: it reads
+    per_segment.index_add_(0, ids, torch.ones_like(ids))  # its output size on the host)
     zero = per_segment.new_zeros(1)
     start = torch.cat([zero, per_segment.cumsum(0)])
     units = (per_segment * geo.length + (chunk - 1)).div_(chunk, rounding_mode="floor")
