@@ -106,6 +106,11 @@ class SyncBatchNorm(_FlexBatchNorm):
         groups: Tensor | None = None,
         stats_input: Tensor | None = None,
     ) -> Tensor:
+        if self.training:  # synchronised calls, counted before any check: a refused one counts too
+            self._calls = getattr(self, "_calls", 0) + 1
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         return super().forward(input, mask=mask, groups=groups, stats_input=stats_input)
+
+    def _sync_calls(self) -> int:
+        return getattr(self, "_calls", 0)

@@ -157,9 +157,9 @@ def _run(
         m = _moments(source, seg, name, traced)
         if plan.counts_from is not None and m is not None and _plan.readable(m.count):
             autograd.check_counts(m.count, plan.counts_from, x)
-        if seg.group is not None:  # combined with the other ranks' moments: one collective
+        if seg.group is not None:  # combined with the other ranks' moments
             flags = (plan.detach_mean, plan.detach_var, stats_input is not None)
-            m, seg = sync.exchange(m, seg, x, plan.eps, flags)
+            m, seg = sync.exchange(m, seg, x, plan.eps, flags, _settings(momentum, plan))
         r_d = None
         if plan.renorm is not None and running_mean is not None and running_var is not None:
             r_d = _corrections(m, x, running_mean, running_var, plan, in_place, recompute)
@@ -190,6 +190,12 @@ def _run(
     flags = (grad_mean, grad_var, not plan.batch)
     y = _normalize(x, weight, bias, stats_input, m, plan.eps, flags, seg, name, traced)
     return y, new_mean, new_var
+
+
+def _settings(momentum: float | Tensor, plan: _plan.Plan) -> sync.Settings:
+    """What the ranks of a synchronised call must agree on beyond the statistics' configuration."""
+    rmax, dmax = plan.renorm if plan.renorm is not None else (0.0, 0.0)
+    return sync.Settings(float(momentum), float(rmax), float(dmax), plan.calls)
 
 
 def _stats_source(plan: _plan.Plan) -> Tensor | None:

@@ -193,7 +193,9 @@ inline T probe(const T* v, const u8* m, i64 len) {
 // inv_k = 1 / k and f = k / (n + k) (shared by every channel of the run: no division here).
 inline void merge_run(double n, double& mean, double& m2, double inv_k, double f, double K, double s1,
                       double s2) {
-  const double run_mean = K + s1 * inv_k, run_m2 = std::max(0.0, s2 - s1 * s1 * inv_k);
+  const double run_mean = K + s1 * inv_k;
+  double run_m2 = s2 - s1 * s1 * inv_k;
+  if (run_m2 < 0) run_m2 = 0;  // rounding; not std::max, which would turn a NaN (inf input) into 0
   if (n == 0) {
     mean = run_mean;
     m2 = run_m2;
@@ -1127,7 +1129,8 @@ void running_update(P* rm, P* rv, i64 buffer_rows, i64 C, i64 G, const double* c
 
 // One training forward: moments of the statistics' source, the count check, the running update, the
 // normalized output. Returns 0; -2 (nothing written but the moments) when `check` finds a segment of at
-// most one value (check 1: every segment; check 2: every segment that has values, e.g. domains).
+// most one value (check 1: every segment; check 2: every segment that has values, e.g. domains); -3
+// (likewise) when a mean is not finite.
 template <class T>
 int forward(const T* x, const T* source, T* y, const Geo& g, double* count, double* mean, double* m2,
             double eps, const T* weight, i64 weight_rows, const T* bias, i64 bias_rows, T* rm, T* rv,
@@ -1136,6 +1139,8 @@ int forward(const T* x, const T* source, T* y, const Geo& g, double* count, doub
   if (check)
     for (i64 s = 0; s < g.G; ++s)
       if (count[s] <= 1 && (check == 1 || count[s] > 0)) return -2;
+  for (i64 o = 0; o < g.G * g.C; ++o)  // inf or NaN values: the caller completes the step (torch's means)
+    if (!std::isfinite(mean[o])) return -3;
   if (rm) running_update(rm, rv, buffer_rows, g.C, g.G, count, mean, m2, momentum, momentum_rows);
   normalize_stats(x, y, g, count, mean, m2, g.G, eps, weight, weight_rows, bias, bias_rows);
   return 0;
@@ -1198,8 +1203,10 @@ FLEXBN_DEFINE(f32, float)
 FLEXBN_DEFINE(f64, double)
 
 // The operations on the statistics currency (see above), behind the same guard. forward returns
-// COUNTS (a result, not an error) when its count check finds a segment of at most one value.
-constexpr int COUNTS = 1;
+// results that are not errors: COUNTS when its count check finds a segment of at most one value,
+// NONFINITE when a mean is not finite (the input holds inf or NaN); in both cases only the moments are
+// written.
+constexpr int COUNTS = 1, NONFINITE = 2;
 
 #define FLEXBN_DEFINE_OPS(SUFFIX, T)                                                                \
   FLEXBN_EXPORT int flexbn_normalize_stats_##SUFFIX(                                               \
@@ -1240,7 +1247,7 @@ constexpr int COUNTS = 1;
           rc = forward(x, source, y, g, count, mean, m2, eps, weight, weight_rows, bias,           \
                        bias_rows, rm, rv, buffer_rows, momentum, momentum_rows, check);            \
         });                                                                                        \
-    return code != OK ? code : (rc != 0 ? COUNTS : OK);                                            \
+    return code != OK ? code : (rc == -2 ? COUNTS : rc == -3 ? NONFINITE : OK);                   \
   }                                                                                                \
   FLEXBN_EXPORT int flexbn_backward_local_##SUFFIX(                                                \
       const T* dy, const T* x, const T* z, T* gx, T* gz, GEO_ARGS, const double* count,            \

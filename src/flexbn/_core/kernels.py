@@ -149,6 +149,8 @@ def moments(x: Tensor, seg: Segments = WHOLE) -> Moments:
     geo = _Geo(x, seg)
     m = _new_tables(geo.g, x.shape[1])
     native.call("moments", geo.cdt, geo.x, *geo.args, *m)
+    if not bool(torch.isfinite(m.mean).all()):
+        m = reference.finite_means(geo.x, seg, m)
     return m
 
 
@@ -233,6 +235,11 @@ def forward(
     )
     if rc == native.COUNTS:
         return None, m
+    if rc == native.NONFINITE:  # inf/NaN input: torch's means, then the rest of the step
+        m = reference.finite_means(src, seg, m)
+        if running is not None:
+            running_update(*running, m, momentum)
+        return normalize(x, weight, bias, m, eps, seg), m
     return (y if y.dtype == x.dtype else y.to(x.dtype)), m
 
 

@@ -738,9 +738,9 @@ def _function(name: str, dtype: torch.dtype) -> Any:
     return getattr(library(), f"flexbn_{name}_{_SUFFIX[dtype]}")
 
 
-COUNTS = 1
-"""What ``forward`` returns when its count check finds a segment of at most one value (a result, not an
-error: nothing but the statistics was written)."""
+COUNTS, NONFINITE = 1, 2
+"""What ``forward`` returns when its count check finds a segment of at most one value, and when a mean is
+not finite (results, not errors: nothing but the statistics was written)."""
 
 
 def call(name: str, dtype: torch.dtype, *args: Any) -> int:
@@ -752,7 +752,7 @@ def call(name: str, dtype: torch.dtype, *args: Any) -> int:
         raise ValueError(f"flexbn kernel {name!r}: expected float32 or float64, but got {dtype}")
     fn = _function(name, dtype)
     code = fn(*_arguments(name, dtype, args))
-    if code == COUNTS and name == "forward":
+    if code in (COUNTS, NONFINITE) and name == "forward":
         return code
     if code != 0:
         raise _error(code)
@@ -820,6 +820,8 @@ def _error(code: int) -> Exception:
 
 __all__ = [
     "ABI_VERSION",
+    "COUNTS",
+    "NONFINITE",
     "Unavailable",
     "backend_info",
     "build_info",

@@ -62,6 +62,7 @@ class Plan(NamedTuple):
     renorm: tuple[float | Tensor, float | Tensor] | None = None
     counts_from: str | None = None
     standard: bool = True
+    calls: int = 0  # a synchronised layer's call counter (checked against the other ranks')
 
 
 def traced_quietly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -103,8 +104,10 @@ def build(
     rmax: float | Tensor = _RMAX,
     dmax: float | Tensor = _DMAX,
     domain: tuple[Tensor, int] | None = None,
+    calls: int = 0,
 ) -> Plan:
-    """Validate a call and describe it. ``domain``: ``(ids, num_domains)`` of a ``DomainBatchNorm``."""
+    """Validate a call and describe it. ``domain``: ``(ids, num_domains)`` of a ``DomainBatchNorm``;
+    ``calls``: a synchronised layer's call counter."""
     if process_group is not None and virtual_batch_size is not None:
         raise ValueError(
             "virtual_batch_size cannot be combined with process_group: ghost batches are chunks of one "
@@ -170,6 +173,7 @@ def build(
         limits,
         counts_from if training else None,
         standard=standard,
+        calls=calls,
     )
 
 
