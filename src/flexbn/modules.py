@@ -586,10 +586,19 @@ def renorm_schedule(
     return 1.0 + (rmax - 1.0) * ramp(rmax_at), dmax * ramp(dmax_at)
 
 
+def _renorm_layer(module: nn.Module) -> bool:
+    """A flexbn layer, or a subclass routed by :func:`flexbn.convert`, with ``renorm=True``."""
+    from .convert import _is_routed  # (convert imports this module)
+
+    flexbn_layer = isinstance(module, (_FlexBatchNorm, _DomainBatchNorm)) or _is_routed(module)
+    return flexbn_layer and bool(getattr(module, "renorm", False))
+
+
 def set_renorm_limits(model: nn.Module, rmax: float | Tensor, dmax: float | Tensor) -> int:
     """Set ``rmax`` and ``dmax`` on every flexbn module of ``model`` (itself included) that has
-    ``renorm=True``; returns how many. They take effect at the next forward. A limit the module holds as
-    a 0-d tensor (for ``torch.compile``: no recompilation) is written into, in place.
+    ``renorm=True`` -- batch-norm subclasses converted by :func:`flexbn.convert` included; returns how
+    many. They take effect at the next forward. A limit the module holds as a 0-d tensor (for
+    ``torch.compile``: no recompilation) is written into, in place.
 
     Example:
         >>> import torch, flexbn
@@ -602,7 +611,7 @@ def set_renorm_limits(model: nn.Module, rmax: float | Tensor, dmax: float | Tens
     _plan.check_renorm(True, rmax, dmax)
     count = 0
     for module in model.modules():
-        if isinstance(module, (_FlexBatchNorm, _DomainBatchNorm)) and module.renorm:
+        if _renorm_layer(module):
             for name, value in (("rmax", rmax), ("dmax", dmax)):
                 current = getattr(module, name)
                 if isinstance(current, Tensor) and not isinstance(value, Tensor):
