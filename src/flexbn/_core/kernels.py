@@ -39,6 +39,10 @@ __all__ = [
 
 _F64 = torch.float64
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+GRAIN = 1 << 15
+"""Values per thread below which a call takes fewer threads (torch's own grain,
+``at::internal::GRAIN_SIZE``): waking a thread for a smaller share costs more than it saves, and on a
+busy machine much more."""
 _PLAIN = (Tensor, torch.nn.Parameter)
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
@@ -100,7 +104,10 @@ class _Geo:
             if mask.dtype != torch.bool or not mask.is_contiguous():
                 mask = mask.to(torch.bool).contiguous()
         self.g = 1 if ids is None else seg.num
-        self.args = [n, c, length, layout, ids, self.g, mask, torch.get_num_threads()]
+        threads = torch.get_num_threads()
+        if threads > 1:
+            threads = max(1, min(threads, n * c * length // GRAIN))
+        self.args = [n, c, length, layout, ids, self.g, mask, threads]
 
     def like(self, t: Tensor) -> Tensor:
         """``t`` in the kernels' dtype and this layout (a copy only where needed)."""
