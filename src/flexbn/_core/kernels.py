@@ -310,8 +310,12 @@ def backward(
     gx = geo.empty() if need_input else None
     gz = geo.empty() if (need_z and zk is not None and (grad_mean or grad_var)) else None
     c = x.shape[1]
-    gw = torch.empty(w_rows, c, dtype=geo.cdt) if (need_weight and weight is not None) else None
-    gb = torch.empty(bias_rows, c, dtype=geo.cdt) if need_bias else None
+    # (C,) for a (C,) parameter: the kernel writes rows * C values either way
+    gw = gb = None
+    if need_weight and weight is not None:
+        gw = torch.empty(c if weight.dim() == 1 else (w_rows, c), dtype=geo.cdt)
+    if need_bias:
+        gb = torch.empty(c if bias_rows == 1 else (bias_rows, c), dtype=geo.cdt)
     tensors = [gk, geo.x, zk, gx, gz, *geo.args, *_stats(m), float(eps), w, w_rows]
     outputs = [int(grad_mean), int(grad_var), gw, gb, bias_rows]
     if sums is None:  # this process's sums, formed in the same call
@@ -322,8 +326,4 @@ def backward(
         gx = gx.to(x.dtype)
     if gz is not None and z is not None:
         gz = gz.to(z.dtype).contiguous(memory_format=reference.memory_format(z))
-    if gw is not None and weight is not None and weight.dim() == 1:
-        gw = gw.reshape(c)
-    if gb is not None and bias_rows == 1:
-        gb = gb.reshape(c)
     return gx, gw, gb, gz
