@@ -21,7 +21,7 @@ from torch import Tensor
 from . import autograd, backend, ops, reference, sync
 from . import plan as _plan
 from . import renorm as _renorm
-from .autograd import EagerBatchNormFunction, NormalizeFunction, NormalizeFunctionNoJvp, Spec
+from .autograd import BatchNormFunction, NormalizeFunction, NormalizeFunctionNoJvp, Spec
 from .segments import Segments
 from .stats import Moments, compute_dtype, table_dtype
 
@@ -143,9 +143,9 @@ def _run(
             )[0]
         elif ops.differentiable(x, weight, bias, z):
             spec = Spec(plan.eps, *flags, False, seg, name)
-            y = EagerBatchNormFunction.apply(
+            y = BatchNormFunction.apply(
                 x, weight, bias, z, spec, running, momentum, plan.counts_from
-            )[0]
+            )
         else:
             spec = Spec(plan.eps, *flags, False, seg, name)
             y = autograd.forward(x, weight, bias, z, running, momentum, spec, plan.counts_from)[0]
