@@ -65,6 +65,9 @@ class Plan(NamedTuple):
     calls: int = 0  # a synchronised layer's call counter (checked against the other ranks')
 
 
+_is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() less its TorchScript check
+
+
 def traced_quietly(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Under ``torch.jit.trace``, run ``fn`` without the tracer's warnings about Python values taken from
     traced sizes: the checks and choices made here on shapes are the trace's structure (as for any traced
@@ -73,7 +76,7 @@ def traced_quietly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        if not torch.jit.is_tracing():
+        if not _is_tracing():
             return fn(*args, **kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -206,12 +209,13 @@ def check_inputs(
         raise TypeError(
             f"batch_norm(): argument 'training' (position 6) must be bool, not {type(training).__name__}"
         )
-    if not isinstance(momentum, (Real, Tensor)):
+    # a float first: isinstance against the abstract Real costs a microsecond
+    if type(momentum) is not float and not isinstance(momentum, (Real, Tensor)):
         raise TypeError(
             "batch_norm(): argument 'momentum' (position 7) must be float, "
             f"not {type(momentum).__name__}"
         )
-    if not isinstance(eps, (Real, Tensor)):
+    if type(eps) is not float and not isinstance(eps, (Real, Tensor)):
         raise TypeError(
             f"batch_norm(): argument 'eps' (position 8) must be float, not {type(eps).__name__}"
         )
