@@ -1,6 +1,6 @@
 """flexbn's speed against torch's native batch norm and the hand-written compositions: ``flexbn bench`` as a
 script (the harness and its method: ``flexbn.bench``), and the markdown tables of docs/benchmarks.md from the
-rows it saved.
+rows it saved (rows of several process runs combined: the median over the runs, with their range).
 
     python benchmarks/speed.py [flexbn bench options]        # e.g. --shape 64x256x14x14 --json rows.json
     python benchmarks/speed.py --report rows.json [...]      # markdown tables from saved rows
@@ -9,16 +9,38 @@ rows it saved.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from flexbn import bench
 from flexbn.bench import Row
 
 
+def _load_targets():  # benchmarks/ is not a package: the script beside this one, by path
+    spec = importlib.util.spec_from_file_location("targets", Path(__file__).with_name("targets.py"))
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    sys.modules.setdefault("targets", module)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+targets = _load_targets()
+
+
 def _x(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
+
+
+def _xr(r: Row | None) -> str:
+    """``ratio_native`` with its range over the runs, when there are several."""
+    if r is None or r.ratio_native is None:
+        return "-"
+    if r.runs < 2 or r.ratio_native_lo is None:
+        return f"{r.ratio_native:.2f}"
+    return f"{r.ratio_native:.2f} ({r.ratio_native_lo:.2f}-{r.ratio_native_hi:.2f})"
 
 
 def _backends(rows: Sequence[Row]) -> list[str]:
@@ -163,45 +185,122 @@ def first_call_table(rows: Sequence[Row]) -> str:
 
 
 def targets_table(rows: Sequence[Row]) -> str:
-    """flexbn's performance targets (``flexbn.bench.targets``) per backend: the worst measured value and where."""
-    lines = [
-        [
-            t.name,
-            t.backend,
-            f"{t.limit:.2f}",
-            f"{t.worst:.2f}",
-            t.where,
-            "yes" if t.met else "**no**",
-        ]
-        for t in bench.targets(rows)
+    """The project's performance targets (``benchmarks/targets.py``) per backend."""
+    return targets.markdown(targets.targets(rows))
+
+
+def peak_table(rows: Sequence[Row]) -> str:
+    """Per shape and variant: flexbn's peak memory during a training forward+backward and an eval call,
+    as a multiple of torch native's (torch's in MiB)."""
+    backends = _backends(rows)
+    head = ["shape", "variant", "torch fwd+bwd MiB"]
+    head += [f"[{b}] {p} x native" for b in backends for p in ("fwd+bwd", "eval")]
+    lines = []
+    for shape, layout in _configs(rows):
+        for variant in bench.VARIANTS:
+            torch_peak = _find(
+                rows, shape=shape, layout=layout, variant=variant, candidate="native",
+                metric="peak", pass_="fwd+bwd",
+            )  # fmt: skip
+            if torch_peak is None:
+                continue
+            cells = [_name(shape, layout), variant, f"{torch_peak.median / 2**20:.1f}"]
+            for b in backends:
+                for p in ("fwd+bwd", "eval"):
+                    r = _find(
+                        rows, shape=shape, layout=layout, variant=variant, candidate="flexbn",
+                        backend=b, metric="peak", pass_=p,
+                    )  # fmt: skip
+                    cells.append(_x(r and r.ratio_native))
+            lines.append(cells)
+    return _table(head, lines)
+
+
+def per_call_table(rows: Sequence[Row]) -> str:
+    """The per-call rows (``flexbn bench --per-call``): per variant, pass and backend, torch's and
+    flexbn's microseconds per call and their ratio (with its range over the runs)."""
+    shapes = set(bench.PER_CALL["shapes"])
+    head = ["input", "variant", "pass", "backend", "torch us", "flexbn us", "x native (range)"]
+    lines = []
+    for r in rows:
+        if r.shape in shapes and r.candidate == "flexbn" and r.metric == "time":
+            native = _find(
+                rows, shape=r.shape, layout=r.layout, variant=r.variant, pass_=r.pass_,
+                candidate="native", metric="time",
+            )  # fmt: skip
+            lines.append(
+                [
+                    _name(r.shape, r.layout), r.variant, r.pass_, r.backend,
+                    f"{native.median * 1e3:.1f}" if native else "-", f"{r.median * 1e3:.1f}",
+                    _xr(r),
+                ]
+            )  # fmt: skip
+    return _table(head, lines)
+
+
+def model_table(rows: Sequence[Row]) -> str:
+    """The model rows (``flexbn bench --model``): per input, pass and backend, torch's and flexbn's
+    milliseconds, their ratio (with its range over the runs) and the ratio of their peak memory."""
+    head = [
+        "input",
+        "pass",
+        "backend",
+        "torch ms",
+        "flexbn ms",
+        "x native (range)",
+        "peak x native",
     ]
-    return _table(["target", "backend", "limit", "worst measured", "where", "met"], lines)
+    lines = []
+    for r in rows:
+        if r.variant == "resnet" and r.candidate == "flexbn" and r.metric == "time":
+            native = _find(rows, shape=r.shape, layout=r.layout, variant="resnet", pass_=r.pass_,
+                           candidate="native", metric="time")  # fmt: skip
+            peak = _find(rows, shape=r.shape, layout=r.layout, variant="resnet", pass_=r.pass_,
+                         candidate="flexbn", backend=r.backend, metric="peak")  # fmt: skip
+            lines.append(
+                [
+                    _name(r.shape, r.layout), r.pass_, r.backend,
+                    f"{native.median:.1f}" if native else "-", f"{r.median:.1f}", _xr(r),
+                    _x(peak and peak.ratio_native),
+                ]
+            )  # fmt: skip
+    return _table(head, lines)
 
 
 def report(rows: Sequence[Row]) -> str:
+    rows = bench.combine(rows)
     r = rows[0]
     loads = [x.load for x in rows]
+    runs = max(x.runs for x in rows)
     meta = (
         f"{r.device}, {r.threads} threads, {r.dtype}, torch {r.torch}, flexbn {r.flexbn}, "
         f"Python {r.python}; 1-minute load average while measuring {min(loads):.1f}-{max(loads):.1f}"
+        + (f"; median of {runs} process runs" if runs > 1 else "")
     )
-    return "\n\n".join(
-        [
-            meta,
+    sections = [meta]
+    per_call = set(bench.PER_CALL["shapes"])
+    layer = [x for x in rows if x.pass_ in bench.PASSES and x.shape not in per_call]
+    if layer:
+        sections += [
             "Standard path, as a multiple of torch native (lower is better; median over the blocks):",
-            standard_table(rows),
+            standard_table(layer),
             "Memory saved for backward, standard path, as a multiple of the input:",
-            memory_table(rows),
+            memory_table(layer),
+            "Peak memory, as a multiple of torch native's:",
+            peak_table(layer),
             "Variants, training forward+backward:",
-            variants_table(rows),
+            variants_table(layer),
             "Variants, eval:",
-            variants_table(rows, "eval"),
+            variants_table(layer, "eval"),
             "First call (ms, training forward+backward, median over the variants):",
-            first_call_table(rows),
-            "Targets:",
-            targets_table(rows),
+            first_call_table(layer),
         ]
-    )
+    if any(x.shape in per_call and x.pass_ in bench.PASSES for x in rows):
+        sections += ["Per call:", per_call_table(rows)]
+    if any(x.variant == "resnet" for x in rows):
+        sections += ["Models:", model_table(rows)]
+    sections += ["Targets:", targets_table(rows)]
+    return "\n\n".join(sections)
 
 
 def main(argv: list[str] | None = None) -> int:

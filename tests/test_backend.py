@@ -288,7 +288,8 @@ def test_kernels_with_a_smaller_openmp_team() -> None:
     (N, C) input) follow the team that actually runs (they crashed reading the missing threads' tables)."""
     code = (
         "import torch, flexbn\n"
-        "torch.set_num_threads(2)\n"
+        "from flexbn._core import kernels\n"
+        "torch.set_num_threads(2); kernels.GRAIN = 1  # a team of two, however small the input\n"
         "x = torch.randn(4096, 8, dtype=torch.float64, requires_grad=True)\n"
         "flexbn.set_backend('cpp'); y = flexbn.batch_norm(x, None, None, training=True)\n"
         "y.backward(torch.randn_like(y))\n"

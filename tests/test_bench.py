@@ -1,13 +1,18 @@
 """The benchmark harness (``flexbn bench``): every hand composition computes what flexbn computes (that is
-what makes the comparison fair), the rows are well-formed and consistent, the files and the command line
-work. No timing assertions."""
+what makes the comparison fair), the rows are well-formed and consistent, memory is measured on known
+quantities, process runs combine, the model rows compare the same model, the files and the command line
+work; the project's targets (``benchmarks/targets.py``) are judged on the rows they apply to. No timing
+assertions."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import importlib.util
 import json
 import math
+import pathlib
+import sys
 
 import pytest
 import torch
@@ -15,6 +20,18 @@ import torch
 import flexbn
 from conftest import assert_close
 from flexbn import bench, cli
+
+BENCHMARKS = pathlib.Path(__file__).parent.parent / "benchmarks"
+
+
+def load_script(name: str):
+    """A script of benchmarks/ as a module (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(name, module)
+    spec.loader.exec_module(module)
+    return module
+
 
 SHAPES = [
     pytest.param((8, 3, 5, 4), False, id="NCHW"),
@@ -155,9 +172,13 @@ def test_rows_are_well_formed(rows):
                     assert by_key[("8x4x3x3", layout, variant, *key, cand)].median > 0
                 saved = by_key[("8x4x3x3", layout, variant, "saved", "forward", cand)]
                 assert (saved.unit, saved.samples) == ("bytes", 1)
+                for pass_ in ("fwd+bwd", "eval"):
+                    peak = by_key[("8x4x3x3", layout, variant, "peak", pass_, cand)]
+                    assert (peak.unit, peak.samples) == ("bytes", 1)
             assert not any(r.candidate == "compiled" for r in rows)  # quick: no compile
     r = rows[0]
     assert (r.torch, r.flexbn, r.dtype) == (torch.__version__, flexbn.__version__, "float32")
+    assert (r.clock, r.run, r.runs) == ("wall", 0, 1)
     assert r.threads == torch.get_num_threads()
     assert r.device
     assert r.python.count(".") == 2
@@ -201,6 +222,135 @@ def test_memory_saved_for_backward(rows):
         assert saved[(layout, "standard", "composition")].median >= 2 * x_bytes
         assert saved[(layout, "stats_input", "flexbn")].input_bytes == 2 * x_bytes
         assert saved[(layout, "stats_input", "flexbn")].median >= 2 * x_bytes
+
+
+def test_peak_memory(rows):
+    """Known quantities: torch's native forward+backward holds its output, the input gradient and one
+    more input-sized buffer at once; flexbn the output and the input gradient (and the gradient of
+    stats_input); an eval call, the output alone."""
+    peak = {
+        (r.layout, r.variant, r.pass_, r.candidate): r.median for r in rows if r.metric == "peak"
+    }
+    x_bytes = 8 * 4 * 3 * 3 * 4
+    small = 4096  # per-channel tables and the like
+    for layout in ("contiguous", "channels_last"):
+        assert 3 * x_bytes <= peak[(layout, "standard", "fwd+bwd", "native")] <= 3 * x_bytes + small
+        assert 2 * x_bytes <= peak[(layout, "standard", "fwd+bwd", "flexbn")] <= 2 * x_bytes + small
+        assert 3 * x_bytes <= peak[(layout, "stats_input", "fwd+bwd", "flexbn")]
+        for cand in ("native", "flexbn"):
+            assert x_bytes <= peak[(layout, "standard", "eval", cand)] <= x_bytes + small
+
+
+def test_peak_bytes_follows_allocations():
+    """The profiler's events give the most bytes alive at once, not the total allocated."""
+
+    def twice() -> None:
+        a = torch.empty(1000, dtype=torch.float64)  # 8000 bytes
+        del a
+        b = torch.empty(500, dtype=torch.float64)  # 4000 bytes, after a is freed
+        c = torch.empty(250, dtype=torch.float64)  # 2000 bytes, b alive
+        del b, c
+
+    assert bench._peak_bytes(twice, torch.device("cpu")) == 8000
+
+
+def test_default_allocator_unless_asked(monkeypatch):
+    """The process's allocator is left as users run it; mallopt only on request."""
+    calls = []
+    monkeypatch.setattr(bench, "_keep_freed_memory", lambda: calls.append(1) or True)
+    bench.run(["8x4"], variants=["standard"], passes=["eval"], quick=True, repeat=1)
+    assert calls == []
+    bench.run(["8x4"], variants=["standard"], passes=["eval"], quick=True, repeat=1,
+              keep_freed_memory=True)  # fmt: skip
+    assert calls == [1]
+
+
+def test_cpu_clock(monkeypatch):
+    """clock="cpu" times with the process's CPU time (a clock that advances 1 s per call here)."""
+    ticks = iter(range(10**6))
+    monkeypatch.setitem(bench._CLOCKS, "cpu", lambda: float(next(ticks)))
+    rows = bench.run(["8x4"], variants=["standard"], passes=["eval"], quick=True, repeat=2,
+                     clock="cpu")  # fmt: skip
+    times = [r for r in rows if r.metric == "time"]
+    assert {r.clock for r in rows} == {"cpu"}
+    assert all(r.median <= 1000.0 for r in times)  # 1 s over the sample's calls, in ms
+    with pytest.raises(ValueError, match="clock must be one of"):
+        bench.run(["8x4"], quick=True, clock="sundial")
+
+
+def test_combine_runs(rows):
+    """Rows of several process runs: the median over the runs, their lowest and highest, the ratios'
+    range."""
+    t = next(r for r in rows if r.candidate == "flexbn" and r.metric == "time")
+    runs = [
+        dataclasses.replace(t, run=i, median=m, ratio_native=q)
+        for i, (m, q) in enumerate([(1.0, 0.5), (3.0, 0.7), (2.0, 0.9)])
+    ]
+    (c,) = bench.combine(runs)
+    assert (c.median, c.q1, c.q3, c.runs) == (2.0, 1.0, 3.0, 3)
+    assert (c.ratio_native, c.ratio_native_lo, c.ratio_native_hi) == (0.7, 0.5, 0.9)
+    assert bench._spread(c) == "±29%"
+    assert len(bench.combine(rows)) == len(rows)  # one run: unchanged keys
+    assert bench._spread(bench.combine([t])[0]) == "-"
+
+
+def test_child_processes_repeat_the_command():
+    """--runs N: each process gets this command's options, without --runs and the outputs."""
+    parser = bench.argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    argv = ["--per-call", "--shape", "8x4", "--shape", "6x2:cl", "--backend", "cpp", "--pass",
+            "eval", "--repeat", "3", "--threads", "1", "--runs", "4", "--json", "x.json"]  # fmt: skip
+    child = bench._child_argv(parser.parse_args(argv))
+    assert child[0] == "bench"
+    again = parser.parse_args(child[1:])
+    for name in ("per_call", "shape", "backends", "passes", "repeat", "threads", "device"):
+        assert getattr(again, name) == getattr(parser.parse_args(argv), name), name
+    assert (again.runs, again.json) == (1, None)
+
+
+def test_cli_runs(tmp_path, capsys):
+    """Two processes: every row twice, numbered by run; the table shows the spread."""
+    argv = ["bench", "--quick", "--shape", "8x4", "--variant", "detach_var", "--pass", "eval"]
+    assert (
+        cli.main([*argv, "--repeat", "1", "--runs", "2", "--json", str(tmp_path / "r.json")]) == 0
+    )
+    out = capsys.readouterr().out
+    rows = bench.read_json(tmp_path / "r.json")
+    assert sorted({r.run for r in rows}) == [0, 1]
+    assert len([r for r in rows if r.run == 0]) == len([r for r in rows if r.run == 1])
+    assert "spread" in out
+    assert "2 processes" in out
+
+
+def test_model_rows():
+    """The model benchmark: torch's ResNet and the converted one, side by side, with peak memory."""
+    rows = bench.run_models(["4x3x16x16", "4x3x16x16:cl"], repeat=1, sample_ms=1.0)
+    by_key = {(r.layout, r.pass_, r.metric, r.candidate): r for r in rows}
+    assert len(by_key) == len(rows) == 2 * 2 * 2 * 2
+    for (layout, pass_, metric, _), r in by_key.items():
+        native = by_key[(layout, pass_, metric, "native")]
+        assert r.ratio_native == pytest.approx(r.median / native.median, rel=1e-12)
+        assert r.variant == "resnet"
+        assert r.median > 0
+    text = bench.format_models(rows)
+    assert len([ln for ln in text.splitlines() if ln.startswith("4x3x16x16")]) == 4
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\) images"):
+        bench.run_models(["4x16"])
+
+
+def test_model_rows_check_the_conversion(monkeypatch):
+    """A converted model that computes something else stops the run."""
+    real = flexbn.convert
+
+    def wrong(model, **kw):
+        model = real(model, **kw)
+        with torch.no_grad():
+            next(model.parameters()).mul_(1.5)
+        return model
+
+    monkeypatch.setattr(flexbn, "convert", wrong)
+    with pytest.raises(RuntimeError, match="differs from its reference"):
+        bench.run_models(["2x3x8x8"], passes=["inference"], repeat=1, sample_ms=1.0)
 
 
 class _KeepsOnCtx(torch.autograd.Function):
@@ -252,34 +402,36 @@ def test_format_table(rows):
 
 
 def test_compact_table_fits_100_columns(rows):
-    """The default table: a line per (shape, layout, variant), the values of the rows, 100 columns."""
+    """The default table: a line per (shape, layout, variant) with the values of the rows, then the
+    memory table the same way; 100 columns."""
     text = bench.format_table(rows)
     assert text == bench.format_compact(rows)
     lines = text.splitlines()
     assert max(map(len, lines)) <= bench.COMPACT_WIDTH
-    body = [ln for ln in lines if ln.startswith("8x4x3x3")]
-    assert len(body) == 6  # 2 layouts x 3 variants
-    flex = {
-        (r.layout, r.variant, r.pass_): r
-        for r in rows
-        if r.candidate == "flexbn" and r.metric == "time"
-    }
-    saved = {
-        (r.layout, r.variant): r for r in rows if r.candidate == "flexbn" and r.metric == "saved"
-    }
+    split = lines.index("memory")
+    body = [ln for ln in lines[:split] if ln.startswith("8x4x3x3")]
+    memory = [ln for ln in lines[split:] if ln.startswith("8x4x3x3")]
+    assert len(body) == len(memory) == 6  # 2 layouts x 3 variants
+    flex = {(r.layout, r.variant, r.metric, r.pass_): r for r in rows if r.candidate == "flexbn"}
+    native = {(r.layout, r.variant, r.metric, r.pass_): r for r in rows if r.candidate == "native"}
     for line in body:
         cells = line.split()
         layout = "channels_last" if cells[1] == "cl" else "contiguous"
-        variant, values = (
-            cells[-8],
-            [float(c) for c in cells[-6:]],
-        )  # ms, native, std, comp, eval, mem
-        t, e = flex[(layout, variant, "fwd+bwd")], flex[(layout, variant, "eval")]
-        m = saved[(layout, variant)]
+        variant, values = cells[-7], [float(c) for c in cells[-5:]]  # ms, native, std, comp, eval
+        t, e = flex[(layout, variant, "time", "fwd+bwd")], flex[(layout, variant, "time", "eval")]
         want = [t.median, t.ratio_native, t.ratio_standard, t.ratio_composition, e.ratio_native]
-        want.append(m.median / m.input_bytes)
+        assert values == pytest.approx(want, abs=0.006)
+    for line in memory:
+        cells = line.split()
+        layout = "channels_last" if cells[1] == "cl" else "contiguous"
+        variant, values = cells[-6], [float(c) for c in cells[-4:]]  # saved, peak, MiB, eval peak
+        m = flex[(layout, variant, "saved", "forward")]
+        p, pe = flex[(layout, variant, "peak", "fwd+bwd")], flex[(layout, variant, "peak", "eval")]
+        theirs = native[(layout, variant, "peak", "fwd+bwd")].median / 2**20
+        want = [m.median / m.input_bytes, p.ratio_native, theirs, pe.ratio_native]
         assert values == pytest.approx(want, abs=0.006)
     assert "x compiled" not in lines[1]  # no compiled rows: no column
+    assert "spread" not in lines[1]  # one run: no spread
     assert "--wide" in text
 
 
@@ -303,20 +455,16 @@ def test_compact_table_fits_with_every_column(rows):
 
 
 def test_targets_are_judged_on_large_shapes_only(rows):
-    """Tiny shapes (per-call overhead dominates) are left out of the targets, and said to be."""
+    """Tiny layer shapes (per-call overhead dominates) are left out of the layer targets, and said to be."""
+    targets = load_script("targets")
     t = next(r for r in rows if r.candidate == "flexbn" and r.metric == "time")
     big = dataclasses.replace(t, shape="16x128x512", pass_="eval", ratio_native=2.0)
     small = dataclasses.replace(t, shape="8x4x3x3", pass_="eval", ratio_native=9.0)
-    kept, left_out = bench.judged([big, small])
-    assert kept == [big]
-    assert left_out == ["8x4x3x3" + (" cl" if t.layout == "channels_last" else "")]
-    text = bench._targets_report([big, small], quick=False)
-    assert "NOT MET" in text
-    assert "worst 2.00" in text  # the large shape's value, not the small one's 9.0
-    assert "not judged on 8x4x3x3" in text
-    assert "targets: not judged" in bench._targets_report([small], quick=False)
-    assert "smoke run" in bench._targets_report([big, small], quick=True)
-    assert math.prod((16, 128, 512)) == bench.TARGET_MIN_ELEMENTS  # the smallest default shape
+    (found,) = targets.targets([big, small])
+    assert (found.name, found.met, found.worst) == ("eval / native", False, 2.0)
+    suffix = " cl" if t.layout == "channels_last" else ""
+    assert targets.small_shapes([big, small]) == ["8x4x3x3" + suffix]
+    assert math.prod((16, 128, 512)) == targets.TARGET_MIN_ELEMENTS  # the smallest default shape
 
 
 def row_like(template: bench.Row, **changes) -> bench.Row:
@@ -324,10 +472,12 @@ def row_like(template: bench.Row, **changes) -> bench.Row:
 
 
 def test_targets(rows):
+    targets = load_script("targets")
     t = next(r for r in rows if r.candidate == "flexbn" and r.metric == "time")
     base = row_like(t, pass_="fwd+bwd", shape="32x64x56x56", layout="contiguous", backend="ref")
     base = row_like(base, ratio_native=None, ratio_standard=None, ratio_composition=None)
     std = row_like(base, variant="standard")
+    peak = row_like(base, metric="peak", variant="mask")
     fake = [
         row_like(std, ratio_native=0.65),
         row_like(std, layout="channels_last", ratio_native=1.2),
@@ -340,9 +490,24 @@ def test_targets(rows):
         row_like(base, variant="mask", pass_="eval", ratio_native=1.5),
         row_like(base, variant="ghost", pass_="eval", ratio_native=0.9),
         row_like(base, metric="saved", pass_="forward", median=1000.0 + 64 * 100, input_bytes=1000),
+        row_like(peak, ratio_native=0.7),
+        row_like(peak, variant="stats_input", ratio_native=1.0),  # not judged: 3 tensors by nature
+        row_like(peak, variant="ghost", pass_="eval", ratio_native=1.3),
         row_like(base, backend="other", variant="standard", ratio_native=0.8),
+        # per call (auto only) and models
+        row_like(std, shape="8x16x4x4", backend="auto", ratio_native=1.2),
+        row_like(
+            std,
+            shape="16x3x32x32",
+            variant="resnet",
+            pass_="step",
+            backend="auto",
+            ratio_native=0.95,
+        ),
+        row_like(std, shape="8x16x4x4", backend="auto", pass_="eval", ratio_native=2.5),
+        row_like(std, shape="8x16x4x4", backend="ref", pass_="eval", ratio_native=9.0),
     ]
-    found = {(x.backend, x.name): x for x in bench.targets(fake)}
+    found = {(x.backend, x.name): x for x in targets.targets(fake)}
     got = {name: (x.met, round(x.worst, 2)) for (b, name), x in found.items() if b == "ref"}
     assert got == {
         "standard fwd+bwd / native, NCHW and (N,C,L)": (True, 0.65),
@@ -351,12 +516,32 @@ def test_targets(rows):
         "variant fwd+bwd / eager composition": (True, 0.3),
         "eval / native": (True, 1.05),  # median of 1.05, 1.5, 0.9
         "saved for backward: extra bytes per channel beyond the inputs": (True, 100.0),
+        "peak memory fwd+bwd / native, every variant but stats_input": (True, 0.7),
+        "peak memory eval / native, every variant but stats_input": (False, 1.3),
+    }
+    auto = {name: (x.met, round(x.worst, 2)) for (b, name), x in found.items() if b == "auto"}
+    assert auto == {
+        "per call (8,16,4,4) auto standard fwd+bwd / native": (True, 1.2),
+        "per call (8,16,4,4) auto standard eval / native": (False, 2.5),
+        "model training step / torch's": (True, 0.95),
     }
     other = found[("other", "standard fwd+bwd / native, NCHW and (N,C,L)")]
     assert (other.met, other.worst) == (False, 0.8)
-    assert "NOT MET  [ref] standard fwd+bwd / native, channels_last" in bench.format_targets(
-        found.values()
+    text = targets.format_targets(found.values())
+    assert "NOT MET  [ref] standard fwd+bwd / native, channels_last and (N,C) (issue 12)" in text
+    assert "| peak memory eval / native, every variant but stats_input | issue 17 | ref |" in (
+        targets.markdown(found.values())
     )
+
+
+def test_targets_script(rows, tmp_path, capsys):
+    targets = load_script("targets")
+    bench.write_json(rows, tmp_path / "rows.json")
+    assert targets.main([str(tmp_path / "rows.json")]) == 0
+    out = capsys.readouterr().out
+    assert "peak memory fwd+bwd" in out  # judged on every shape
+    assert "layer targets not judged on 8x4x3x3" in out
+    assert targets.main([str(tmp_path / "missing.json")]) == 2
 
 
 def test_cli_quick(tmp_path, capsys):
@@ -380,9 +565,9 @@ def test_cli_quick(tmp_path, capsys):
     )
     out = capsys.readouterr()
     assert code == 0
-    for text in ("detach_var", "x native", "a smoke run", "targets: not judged"):
+    for text in ("detach_var", "x native", "a smoke run", "peak x nat", "clock=wall"):
         assert text in out.out
-    assert "NOT MET" not in out.out
+    assert "NOT MET" not in out.out  # the targets are the project's: benchmarks/targets.py
     assert max(len(line) for line in out.out.splitlines()) <= bench.COMPACT_WIDTH
     assert "8x4x3x3 contiguous detach_var" in out.err  # progress
     rows = json.loads((tmp_path / "r.json").read_text())
@@ -408,6 +593,30 @@ def test_cli_wide(capsys):
     out = capsys.readouterr().out
     assert "x composition" in out  # the wide table's header
     assert "memory saved for backward" in out
+
+
+def test_cli_per_call(tmp_path, capsys):
+    """--per-call: its input, variants, passes and backends, CPU time, no compile."""
+    path = tmp_path / "r.json"
+    assert cli.main(["bench", "--per-call", "--repeat", "1", "--json", str(path)]) == 0
+    rows = bench.read_json(path)
+    assert {r.shape for r in rows} == set(bench.PER_CALL["shapes"])
+    assert {r.variant for r in rows} == set(bench.PER_CALL["variants"])
+    assert {r.pass_ for r in rows if r.metric == "time"} == set(bench.PER_CALL["passes"])
+    flex = {r.backend for r in rows if r.candidate == "flexbn"}
+    assert flex == ({"auto", "cpp"} if bench._cpp_available() else {"auto"})
+    assert {r.clock for r in rows} == {"cpu"}
+    assert not any(r.candidate == "compiled" for r in rows)
+    assert "8x16x4x4" in capsys.readouterr().out
+
+
+def test_cli_model(capsys):
+    argv = ["bench", "--model", "--shape", "2x3x8x8", "--pass", "inference", "--repeat", "1"]
+    assert cli.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "peak x nat" in out
+    assert "2x3x8x8" in out
+    assert cli.main([*argv, "--per-call"]) == 2
 
 
 def test_cli_bad_shape(capsys):
@@ -468,17 +677,24 @@ def test_shape_parse_and_names():
 
 def test_speed_script_report(rows, tmp_path, capsys):
     """benchmarks/speed.py --report turns saved rows into the markdown tables of docs/benchmarks.md."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).parent.parent / "benchmarks" / "speed.py"
-    spec = importlib.util.spec_from_file_location("speed", path)
-    speed = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(speed)
+    speed = load_script("speed")
     bench.write_json(rows, tmp_path / "rows.json")
     assert speed.main(["--report", str(tmp_path / "rows.json")]) == 0
     text = capsys.readouterr().out
     separators = [line for line in text.splitlines() if line.startswith("|---")]
-    assert len(separators) == 6  # standard, memory, variants (fwd+bwd, eval), first call, targets
+    # standard, memory saved, peak, variants (fwd+bwd, eval), first call, targets
+    assert len(separators) == 7
     assert "| (8,4,3,3) CL | mask |" in text
     assert bench.read_json(tmp_path / "rows.json") == rows
+
+
+def test_speed_script_report_per_call_and_models(tmp_path, capsys):
+    speed = load_script("speed")
+    rows = bench.run_models(["2x3x8x8"], passes=["inference"], repeat=1, sample_ms=1.0)
+    rows += bench.run(["8x16x4x4"], variants=["standard"], passes=["eval"], quick=True, repeat=1)
+    bench.write_json(rows, tmp_path / "rows.json")
+    assert speed.main(["--report", str(tmp_path / "rows.json")]) == 0
+    text = capsys.readouterr().out
+    assert "Per call:" in text
+    assert "Models:" in text
+    assert "| (2,3,8,8) | inference |" in text

@@ -491,3 +491,14 @@ def test_jit_script_of_routed_layer() -> None:
     message = r"torch.jit.script cannot compile model_zoo.BatchNormAct2d.*with detach_var=True"
     with pytest.raises(ValueError, match=message), pytest.warns(DeprecationWarning, match="script"):
         torch.jit.script(converted)
+
+
+def test_renorm_limits_reach_converted_subclasses() -> None:
+    """set_renorm_limits sets the limits of subclasses converted with renorm=True (a warm-up schedule that
+    skipped them would train them with the final limits from the first step)."""
+    from model_zoo import BatchNormAct2d
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), BatchNormAct2d(4))
+    model = flexbn.convert(model, renorm=True)
+    assert flexbn.set_renorm_limits(model, 1.0, 0.0) == 1
+    assert (model[1].rmax, model[1].dmax) == (1.0, 0.0)

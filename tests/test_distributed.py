@@ -184,11 +184,37 @@ def _mismatch(option: str) -> Callable[[int, int], None]:
             kwargs["groups"] = torch.tensor([0, 0, 1, 1])
         elif option == "dtype" and odd:
             x = x.double()
-        bn = flexbn.SyncBatchNorm(3, **module_options).to(x.dtype)
-        field = {"mask": "options", "groups": "options"}.get(option, option)
+        elif (
+            option == "channels" and odd
+        ):  # a different packet size: gloo aborted the process before
+            x = torch.randn(4, 4, 5)
+        elif option == "momentum":
+            module_options["momentum"] = 0.2 if odd else 0.1
+        elif option == "renorm":
+            module_options.update(renorm=True, rmax=2.0 if odd else 3.0)
+        bn = flexbn.SyncBatchNorm(x.shape[1], **module_options).to(x.dtype)
+        field = {"mask": "options", "groups": "options", "renorm": "renorm rmax"}.get(
+            option, option
+        )
         _expect_error(f"disagree on the {field}", lambda: bn(x, **kwargs))
+        # Nothing changed on any rank: the call was refused before the running statistics moved.
+        assert int(bn.num_batches_tracked) == 0
+        assert_close(bn.running_mean, torch.zeros_like(bn.running_mean))
 
     return case
+
+
+def _skipped_call(rank: int, world: int) -> None:
+    """A rank catches a local error and skips a call of the layer: at the next call every rank raises
+    (the others' collectives would otherwise pair with another step's), instead of silently mixing steps."""
+    bn = flexbn.SyncBatchNorm(3)
+    bn(torch.randn(4, 3, 5))  # call 1, together
+    if rank == 0:
+        with pytest.raises(ValueError, match="mask must have shape"):
+            bn(
+                torch.randn(4, 3, 5), mask=torch.ones(3, 5, dtype=torch.bool)
+            )  # skipped after an error
+    _expect_error("disagree on the layer call", lambda: bn(torch.randn(4, 3, 5)))
 
 
 def _errors(rank: int, world: int) -> None:
@@ -298,6 +324,10 @@ CASES: dict[str, Callable[[int, int], None]] = {
     "mismatch-mask": _mismatch("mask"),
     "mismatch-groups": _mismatch("groups"),
     "mismatch-dtype": _mismatch("dtype"),
+    "mismatch-channels": _mismatch("channels"),
+    "mismatch-momentum": _mismatch("momentum"),
+    "mismatch-renorm": _mismatch("renorm"),
+    "skipped-call": _skipped_call,
     "errors": _errors,
     "eval-is-local": _eval_is_local,
     "ddp": _ddp,

@@ -398,8 +398,8 @@ IDENTITIES = [
 @pytest.mark.parametrize("shape", [(32, 5), (4, 5, 8)], ids=["NC", "NCL"])
 @pytest.mark.parametrize(("detach_mean", "detach_var", "sum_zero", "xsum_zero"), IDENTITIES)
 def test_gradient_identities(detach_mean, detach_var, sum_zero, xsum_zero, shape):
-    """papers.md §12: the full gradient is orthogonal to 1 and to x per channel; detaching the mean breaks
-    both identities, detaching the variance only the second. The second identity is exact only for
+    """Batch norm's gradient identities: the full gradient is orthogonal to 1 and to x per channel;
+    detaching the mean breaks both identities, detaching the variance only the second. The second identity is exact only for
     ``eps = 0`` (it says the output is invariant to scaling x); ``eps = 1e-12`` keeps it below 1e-9."""
     x = (torch.randn(shape, dtype=torch.float64) * 3 + 2).requires_grad_()
     w = torch.randn(shape[1], dtype=torch.float64) + 1

@@ -1,9 +1,10 @@
 """The C++ kernels across each of their size thresholds, in float32, against a float64 composition of the
 same float32 values, at the accuracy ``docs/numerics.md`` states for the kernels.
 
-The kernels change strategy with the shape of the batch (``kernels.cpp``): channels-last rows are added
-in groups of ``GROUP`` consecutive rows of one segment, ``WIDE_GROUP`` for rows of 2 KiB and more; a
-segment's partial sums join its statistics every ``BLOCK_ROWS`` rows; beyond ``SCATTER_BYTES`` of partial
+The kernels change strategy with the shape of the batch (``kernels.cpp``): channels-last rows are handed
+over in groups of ``GROUP`` consecutive rows of one segment and added to the partial sums 16, 8 or 4 rows
+per visit by their width, one by one from ``ROW_BY_ROW_BYTES``, ``WIDE_GROUP`` at a time from
+``WIDE_ROW_BYTES``; a segment's partial sums join its statistics every ``BLOCK_ROWS`` rows; beyond ``SCATTER_BYTES`` of partial
 sums, one segment's at a time (run mode); threads split rows with private tables up to
 ``PRIVATE_LIMIT`` values, channels beyond; contiguous rows are summed ``FLUSH`` values per lane at a time.
 Each case below is built to cross one of them -- with segment ids, masks, or both, and with OpenMP teams
@@ -72,6 +73,16 @@ class Case:
         return max(self.segments, 1) * self.channels
 
 
+def _visit(case: Case) -> int:
+    """Rows added per visit of the partial sums (``group_rows`` in ``kernels.cpp``), float32."""
+    row = 4 * case.channels
+    if row >= K["WIDE_ROW_BYTES"]:
+        return K["WIDE_GROUP"]
+    if row >= K["ROW_BY_ROW_BYTES"]:
+        return 1
+    return 16 if row <= 64 else 8 if row <= 128 else 4
+
+
 def _row_split(case: Case) -> bool:
     return case.rows // K["BLOCK_ROWS"] + 1 > 1 and case.tables <= K["PRIVATE_LIMIT"]
 
@@ -88,13 +99,29 @@ CASES = {
     "16-row-groups-sorted-ids-NC": Case(
         (200, 40), segments=4, sorted_ids=True, crosses=lambda c: c.rows // 4 >= K["GROUP"],
     ),
-    "rows-of-2KiB": Case((300, 640), crosses=lambda c: 4 * c.channels >= 2048 and _row_split(c)),
+    "8-row-visits-ids-mask": Case(
+        (12, 32, 4, 5), channels_last=True, segments=3, mask=True,
+        crosses=lambda c: _visit(c) == 8 and _row_split(c),
+    ),
+    "4-row-visits-ids": Case(
+        (12, 48, 4, 5), channels_last=True, segments=3, crosses=lambda c: _visit(c) == 4,
+    ),
+    "4-row-visits-ids-mask-NC": Case(
+        (200, 100), segments=4, mask=True, crosses=lambda c: _visit(c) == 4 and _row_split(c),
+    ),
+    "row-by-row-visits-mask-NC": Case(
+        (150, 200), segments=3, mask=True, crosses=lambda c: _visit(c) == 1,
+    ),
+    "row-by-row-visits-channels-last": Case(
+        (8, 160, 3, 5), channels_last=True, crosses=lambda c: _visit(c) == 1 and _row_split(c),
+    ),
+    "rows-of-2KiB": Case((300, 640), crosses=lambda c: _visit(c) == K["WIDE_GROUP"] and _row_split(c)),
     "rows-of-2KiB-one-thread": Case(
-        (300, 640), threads=1, crosses=lambda c: 4 * c.channels >= 2048,
+        (300, 640), threads=1, crosses=lambda c: 4 * c.channels >= K["WIDE_ROW_BYTES"],
     ),
     "rows-of-2KiB-ids-mask": Case(
         (300, 640), segments=5, sorted_ids=True, mask=True,
-        crosses=lambda c: 4 * c.channels >= 2048,
+        crosses=lambda c: 4 * c.channels >= K["WIDE_ROW_BYTES"],
     ),
     "large-run-mode-mask": Case(
         (1200, 512), segments=300, mask=True,
@@ -253,7 +280,9 @@ def _errors(case: Case) -> dict[str, float]:
 
 
 @pytest.mark.parametrize("name", list(CASES))
-def test_kernels_at_their_thresholds(name: str) -> None:
+def test_kernels_at_their_thresholds(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # every thread of the case's team, however small the case
+    monkeypatch.setattr(kernels, "GRAIN", 1)
     case = CASES[name]
     assert case.crosses(case), f"{name} no longer crosses the threshold it is meant to"
     err = _errors(case)

@@ -1,4 +1,5 @@
-"""The experiment of ``/work/shared/origin.md``, reproduced exactly, and answered by flexbn.
+"""The experiment of the forum question flexbn starts from (``docs/why.md``), reproduced exactly, and
+answered by flexbn.
 
 The question: in ``torch.nn.BatchNorm2d``, are ``mu`` and ``var`` in ``(x - mu) / sqrt(var + eps)`` plain
 numbers or gradient-tracked tensors? The thread's snippet (seed 2809, ``x`` of shape (10, 3, 4, 4), loss

@@ -559,3 +559,62 @@ def test_functional_eval_with_eps_zero_and_zero_variance_is_not_finite_as_torch(
     want = F.batch_norm(x, *args, 0.1, 0.0)
     got = flexbn.batch_norm(x, *args, 0.1, 0.0)
     assert torch.equal(got.isfinite(), want.isfinite())
+
+
+# ------------------------------------------------------------------ gaps found by torch's test material
+
+
+def test_weight_of_any_shape_with_c_elements() -> None:
+    """torch accepts a weight and bias of shape (C, 1) (any shape with C elements) in its forward (its own
+    backward then fails); flexbn's forward equals torch's and its gradients have the parameters' shapes."""
+    x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 1, dtype=torch.float64, requires_grad=True)
+    y = flexbn.batch_norm(x, None, None, w, b, training=True)
+    with torch.no_grad():
+        assert_close(y, F.batch_norm(x, None, None, w, b, training=True))
+    y_flat = flexbn.batch_norm(x, None, None, w.reshape(-1), b.reshape(-1), training=True)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, b), g)
+    flat = torch.autograd.grad(y_flat, (x, w, b), g)
+    for p, q in zip(grads, flat, strict=True):
+        assert p.shape == q.shape
+        assert_close(p, q)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["NCL", "NLC"])
+def test_non_finite_input_gives_torchs_running_statistics(channels_last: bool) -> None:
+    """inf in a channel: torch's running mean becomes inf (the plain mean), its variance NaN; NaN, or
+    both infinities, give NaN. flexbn's shifted sums gave NaN everywhere, and a clamp turned the NaN
+    variance of channels-last input into 0 (a finite running variance that looked fine)."""
+    x = torch.randn(8, 3, 4, 1)
+    x[2, 0, 1] = float("inf")
+    x[3, 1, 0], x[4, 1, 2] = float("-inf"), float("inf")
+    x[5, 2, 3] = float("nan")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    torch.nn.functional.batch_norm(x, rm, rv, training=True)
+    assert rm[0] == float("inf")  # the expectation below is torch's
+    for options in ({}, {"detach_var": True}):
+        ours_m, ours_v = torch.zeros(3), torch.ones(3)
+        flexbn.batch_norm(x, ours_m, ours_v, training=True, **options)
+        assert torch.equal(ours_m.isnan(), rm.isnan()), options
+        assert torch.equal(ours_m.isinf(), rm.isinf()), options
+        assert ours_v.isnan().all(), options
+
+
+def test_batch_norm_in_a_backward_hook_updates_running_statistics() -> None:
+    """A forward run inside a backward hook (grad disabled) is not a checkpoint recomputation: it updates
+    the running statistics, as torch's does (activation checkpointing recomputes with grad enabled)."""
+    ours, theirs = flexbn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    h = torch.randn(5, 3, requires_grad=True)
+
+    def hook(grad: torch.Tensor) -> None:
+        ours(torch.randn(5, 3) + 2)
+        theirs(torch.randn(5, 3) + 2)
+
+    h.register_hook(hook)
+    (h * 2).sum().backward()
+    assert int(ours.num_batches_tracked) == int(theirs.num_batches_tracked) == 1
+    assert not torch.equal(ours.running_mean, torch.zeros(3))

@@ -874,7 +874,7 @@ def test_no_python_loop_over_segments(kind, detach_mean, detach_var):
         return _ops(f)
 
     few, many = run(3), run(500)
-    assert len(few) > 10
+    assert len(few) >= 8  # not vacuous: the unique, allocations and gradient ops are recorded
     assert few == many
 
 

@@ -2,11 +2,11 @@
 
 For every batch-norm layer (torch's ``_BatchNorm`` classes -- ``BatchNorm1d/2d/3d``, ``SyncBatchNorm``, lazy
 and user subclasses -- and flexbn's ``BatchNorm*``, ``SyncBatchNorm``, ``DomainBatchNorm*``) :func:`audit`
-reports the three axes of ``design.md``: the gradient mode (G), the statistics set (S) and the inference
-statistics (P). It then runs one forward of a float64 copy of the model on a random input (the model itself
+reports flexbn's three choices (``docs/why.md``): the gradient mode (G), the statistics set (S) and the
+inference statistics (P). It then runs one forward of a float64 copy of the model on a random input (the model itself
 is not touched) and, for each call of each layer, compares the gradient of a random linear functional of the
 layer's output with respect to its input against a reference recomputed from the layer's own parameters
-and the documented formula::
+and the documented formula (``flexbn.spec``)::
 
     y = (x - mean) / sqrt(var + eps) * weight + bias
 
@@ -55,6 +55,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import spec
 from .convert import (
     _has_own_forward,
     _is_routed,
@@ -343,61 +344,37 @@ def _sync_world(m: nn.Module, training: bool) -> int:
 
 
 def _segment_ids(m: nn.Module, call: _Call, n: int, device: torch.device) -> Tensor | None:
-    """Segment id per sample of the statistics set (None: the whole batch)."""
+    """Segment id per sample of the statistics set (None: the whole batch), by flexbn's rules."""
     if _is_domain(m):
         domain = call.args[0] if call.args else call.kwargs["domain"]
-        return domain.long()
+        return spec.segment_ids(n, domain=domain)
     vbs = getattr(m, "virtual_batch_size", None)
-    if vbs is not None and n // vbs > 1:  # flexbn.batch_norm's chunking rule
-        return torch.arange(n, device=device) * (n // vbs) // n
-    return None
-
-
-def _per_sample(t: Tensor, ids: Tensor | None, shape: tuple[int, ...]) -> Tensor:
-    """A per-channel ``(C,)`` tensor, or a per-segment ``(G, C)`` one indexed by ``ids``, broadcastable."""
-    if t.dim() == 1 or ids is None:
-        return t.reshape(shape)
-    return t[ids].reshape(ids.shape[0], *shape[1:])
+    return spec.segment_ids(n, virtual_batch_size=vbs, device=device)
 
 
 def _reference(
     m: nn.Module, call: _Call, x: Tensor, detach_mean: bool, detach_var: bool, batch: bool
 ) -> Tensor:
-    """The documented formula in float64 from the layer's parameters, for input ``x`` (float64)."""
-    n, c = x.shape[:2]
-    shape = (1, c) + (1,) * (x.dim() - 2)
-    dims = (0, *range(2, x.dim()))
-    eps = float(m.eps)
-    ids = _segment_ids(m, call, n, x.device)
+    """The documented formula (``flexbn.spec``) in float64 from the layer's parameters, for input ``x``
+    (float64)."""
+    ids = _segment_ids(m, call, x.shape[0], x.device)
     rm, rv = (None if t is None else t.double() for t in (call.running_mean, call.running_var))
-    if not batch:
-        y = (x - _per_sample(rm, ids, shape)) / torch.sqrt(_per_sample(rv, ids, shape) + eps)
-    else:
-        renorm = bool(getattr(m, "renorm", False))
-        order, pieces = [], []
-        segments = [None] if ids is None else torch.unique(ids).tolist()
-        for s in segments:
-            idx = torch.arange(n, device=x.device) if s is None else torch.nonzero(ids == s)[:, 0]
-            xs = x[idx]
-            var, mean = torch.var_mean(xs, dims, correction=0, keepdim=True)
-            ys = (xs - (mean.detach() if detach_mean else mean)) / torch.sqrt(
-                (var.detach() if detach_var else var) + eps
-            )
-            if renorm:  # r, d: constants from the running statistics before this step's update
-                srm, srv = (rm, rv) if rm.dim() == 1 else (rm[s], rv[s])
-                sigma = torch.sqrt(srv.reshape(shape) + eps)
-                rmax, dmax = _limit(m.rmax), _limit(m.dmax)
-                r = (torch.sqrt(var.detach() + eps) / sigma).clamp(1.0 / rmax, rmax)
-                d = ((mean.detach() - srm.reshape(shape)) / sigma).clamp(-dmax, dmax)
-                ys = ys * r + d
-            order.append(idx)
-            pieces.append(ys)
-        y = torch.cat(pieces)[torch.argsort(torch.cat(order))]
-    if m.weight is not None:
-        y = y * _per_sample(m.weight.detach().double(), ids, shape)
-    if m.bias is not None:
-        y = y + _per_sample(m.bias.detach().double(), ids, shape)
-    return y
+    renorm = None
+    if batch and getattr(m, "renorm", False):
+        renorm = (_limit(m.rmax), _limit(m.dmax))
+    return spec.batch_norm(
+        x,
+        rm,
+        rv,
+        None if m.weight is None else m.weight.detach().double(),
+        None if m.bias is None else m.bias.detach().double(),
+        training=batch,
+        eps=float(m.eps),
+        detach_mean=detach_mean,
+        detach_var=detach_var,
+        ids=ids,
+        renorm=renorm,
+    )
 
 
 def _functional(y: Tensor, generator: torch.Generator) -> Tensor:

@@ -35,9 +35,11 @@ repeat (interleaved: drift of a noisy machine hits all candidates alike). A row 
 repeats and the quartiles; ratios are ratios of medians within one (shape, layout, variant, pass).
 Memory saved for backward is the sum of the unique storages the training forward keeps for backward:
 tensors passed through ``torch.autograd.graph.saved_tensors_hooks``, plus tensors held as attributes of
-custom autograd nodes (which those hooks do not see). Inputs count when they are saved. On CUDA the peak
-of ``torch.cuda.max_memory_allocated`` during a forward+backward, above what was allocated before, is
-reported as well.
+custom autograd nodes (which those hooks do not see). Inputs count when they are saved. Peak memory is the
+most bytes allocated at once during a training forward+backward (and during an eval call), above what was
+allocated before: on the CPU from the allocation events torch's profiler records (every tensor torch
+allocates; not the C++ kernels' own work tables, of O(threads x segments x C) values), on CUDA from
+``torch.cuda.max_memory_allocated``.
 
 Every row carries the device, versions, dtype, thread count, the 1-minute load average when its block was
 measured, and flexbn's backend (``flexbn.get_backend()``, ``reference`` in a flexbn without backends; the
@@ -45,12 +47,22 @@ flexbn candidates can be run once per backend, see :func:`run`). On a machine sh
 one thread (``flexbn bench --threads 1``): with more threads than idle cores, every parallel region of a
 kernel waits for a descheduled thread, and a 50 us call can take 50 ms.
 
-Freed memory: each call of every candidate allocates its outputs afresh. glibc returns large freed blocks
-to the operating system, so the next call takes a page fault for every 4 KiB page it writes; on a virtual
-machine that can cost more than the kernels themselves and varies from run to run (here 6 to 26 ms for one
-32x64x56x56 forward+backward). By default :func:`run` asks glibc (``mallopt``) to keep freed blocks of up
-to 32 MiB in the process, as a long training process reaches anyway, so that the timings measure the
-computation; ``keep_freed_memory=False`` (``flexbn bench --os-memory``) leaves the allocator as it is.
+Clock: wall time (``time.perf_counter``) by default; ``clock="cpu"`` takes the process's CPU time
+(``time.process_time``) instead, which time spent descheduled by other processes does not inflate -- the
+right clock for per-call costs on a busy machine with one thread (with more, it adds up every thread's
+time, waiting included).
+
+Memory is left as users run: each call of every candidate allocates its outputs afresh from the default
+allocator. glibc may return large freed blocks to the system, and the next call then takes a page fault
+per 4 KiB page it writes: on a virtual machine that can cost more than the kernels and varies from run to
+run, for every candidate alike (that is what users get). ``keep_freed_memory=True`` (``flexbn bench
+--keep-freed-memory``) asks glibc (``mallopt``, for the whole process) to keep freed blocks of up to 32 MiB
+instead, which isolates the computation. One process is one sample of that state: ``flexbn bench --runs
+N`` runs N processes and reports the median and the spread over them.
+
+Two further sets of rows: per-call costs on a small input (:data:`PER_CALL`, ``flexbn bench
+--per-call``), and whole models (:func:`run_models`, ``flexbn bench --model``): a ResNet with torch's
+``BatchNorm2d`` against the same model converted by ``flexbn.convert``, training steps and inference.
 """
 
 from __future__ import annotations
@@ -83,18 +95,21 @@ import flexbn
 __all__ = [
     "CANDIDATES",
     "COMPOSITIONS",
+    "MODEL_SHAPES",
     "PASSES",
+    "PER_CALL",
     "QUICK_SHAPES",
     "SHAPES",
     "VARIANTS",
     "Row",
     "Shape",
-    "Target",
+    "combine",
+    "format_models",
     "format_table",
-    "format_targets",
     "read_json",
+    "resnet",
     "run",
-    "targets",
+    "run_models",
     "write_csv",
     "write_json",
 ]
@@ -408,14 +423,22 @@ def _check_variant(name: str, shape: Shape) -> None:
 class Row:
     """One measurement: a candidate's metric for one (shape, layout, variant, pass).
 
-    ``metric`` is ``"time"`` (``unit="ms"``, the pass's duration), ``"first_call"`` (ms of the first call,
-    compilation included; pass ``fwd+bwd`` or ``eval``), ``"saved"`` (bytes saved for backward by the
-    training forward; pass ``forward``) or ``"peak"`` (CUDA only: peak bytes allocated during a
-    forward+backward above those allocated before; pass ``fwd+bwd``). ``median``, ``q1`` and ``q3`` are
-    over ``samples`` repeats (one sample: all three equal). ``ratio_X`` is ``median`` divided by the median
-    of candidate X for the same shape, layout, variant, pass, metric (and backend, for flexbn's standard
-    path); ``None`` when X was not measured. ``input_bytes`` counts the tensors the variant takes as input
-    (``x``, and ``mask``, ``groups`` or ``stats_input``).
+    ``metric`` is ``"time"`` (``unit="ms"``, the pass's duration, on ``clock``), ``"first_call"`` (ms of
+    the first call, compilation included; pass ``fwd+bwd`` or ``eval``), ``"saved"`` (bytes saved for
+    backward by the training forward; pass ``forward``) or ``"peak"`` (peak bytes allocated during a
+    forward+backward, pass ``fwd+bwd``, or an eval call, pass ``eval``, above those allocated before).
+    ``median``, ``q1`` and ``q3`` are over ``samples`` repeats (one sample: all three equal). ``ratio_X``
+    is ``median`` divided by the median of candidate X for the same shape, layout, variant, pass, metric
+    (and backend, for flexbn's standard path); ``None`` when X was not measured. ``input_bytes`` counts the
+    tensors the variant takes as input (``x``, and ``mask``, ``groups`` or ``stats_input``). ``run``
+    numbers the process that measured the row (``flexbn bench --runs N``: 0 to N - 1). Rows combined over
+    runs (:func:`combine`) hold the median over the runs in ``median`` and every ratio, the lowest and
+    highest run's median in ``q1`` and ``q3``, and the lowest and highest ``ratio_native`` in
+    ``ratio_native_lo`` and ``ratio_native_hi``; ``runs`` says how many.
+
+    Model rows (:func:`run_models`): ``variant`` is the model's name, ``pass_`` ``"step"`` (a training
+    step: forward, loss, backward, optimizer step) or ``"inference"``, ``candidate`` ``"native"`` (torch's
+    ``BatchNorm2d``) or ``"flexbn"`` (converted), ``shape`` the input's.
     """
 
     shape: str
@@ -442,6 +465,11 @@ class Row:
     torch: str
     flexbn: str
     python: str
+    clock: str = "wall"
+    run: int = 0
+    runs: int = 1
+    ratio_native_lo: float | None = None
+    ratio_native_hi: float | None = None
 
     @property
     def iqr(self) -> float:
@@ -510,6 +538,47 @@ def write_csv(rows: Sequence[Row], path: str | os.PathLike[str]) -> None:
             out.writerow(r.as_dict())
 
 
+def combine(rows: Sequence[Row]) -> list[Row]:
+    """One row per measurement over process runs (the rows of several ``run`` numbers): the median over
+    the runs of each run's median and ratios, with the lowest and highest run (see :class:`Row`). Rows
+    of one run come back with their ratio range set to their ratio.
+
+    >>> combine([])
+    []
+    """
+    groups: dict[tuple, list[Row]] = {}
+    for r in rows:
+        key = (r.shape, r.layout, r.variant, r.pass_, r.metric, r.candidate, r.backend)
+        groups.setdefault(key, []).append(r)
+    out = []
+    for group in groups.values():
+
+        def mid(attr: str, group: list[Row] = group) -> float | None:
+            values = [getattr(r, attr) for r in group if getattr(r, attr) is not None]
+            return statistics.median(values) if values else None
+
+        medians = [r.median for r in group]
+        natives = [r.ratio_native for r in group if r.ratio_native is not None]
+        out.append(
+            dataclasses.replace(
+                group[0],
+                median=statistics.median(medians),
+                q1=min(medians) if len(group) > 1 else group[0].q1,
+                q3=max(medians) if len(group) > 1 else group[0].q3,
+                samples=sum(r.samples for r in group),
+                ratio_native=mid("ratio_native"),
+                ratio_standard=mid("ratio_standard"),
+                ratio_composition=mid("ratio_composition"),
+                ratio_compiled=mid("ratio_compiled"),
+                load=max(r.load for r in group),
+                runs=len(group),
+                ratio_native_lo=min(natives) if natives else None,
+                ratio_native_hi=max(natives) if natives else None,
+            )
+        )
+    return out
+
+
 # ------------------------------------------------------------------------------------------ the run
 
 
@@ -534,10 +603,14 @@ class _Config:
     sample_ms: float
     seed: int
     env: dict[str, Any]
+    clock: Callable[[], float] = time.perf_counter
 
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+_CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def _kernel_build() -> str:
@@ -549,7 +622,9 @@ def _kernel_build() -> str:
     info = kernels.build_info()
     if not info:
         return ""
-    how = "loaded from the cache" if info["cached"] else f"built in {info['seconds']:.1f} s"
+    how = {"shipped": "shipped with flexbn", "cached": "loaded from the cache"}.get(
+        info["origin"], f"built in {info['seconds']:.1f} s"
+    )
     return f"cpp kernels: {how} ({info['path']})"
 
 
@@ -637,14 +712,61 @@ def _saved_bytes(fn: Callable[[], Tensor]) -> int:
     return sum(seen.values())
 
 
-def _peak_bytes(cand: _Candidate, dy: Tensor, device: torch.device) -> int:
-    """CUDA: peak bytes allocated during a training forward+backward, above those allocated before."""
-    torch.cuda.synchronize(device)
-    before = torch.cuda.memory_allocated(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    torch.autograd.grad(cand.train(), cand.wrt, dy)
-    torch.cuda.synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
+def _peak_bytes(fn: Callable[[], object], device: torch.device) -> int | None:
+    """The most bytes allocated at once while ``fn`` runs (its results freed when it returns), above those
+    allocated before: on CUDA from the allocator's statistics, on the CPU from the allocation and free
+    events of torch's profiler (``None`` where the profiler does not give them)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    if device.type != "cpu":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # kineto logs its start and stop on the file descriptor
+        prof.__enter__()
+    try:
+        fn()
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
+    try:
+        events = [
+            (e.start_ns(), e.nbytes())
+            for e in prof.profiler.kineto_results.events()  # type: ignore[union-attr]
+            if e.name() == "[memory]"
+        ]
+    except AttributeError:  # another torch's profiler: no peak rather than a wrong one
+        return None
+    live = peak = 0
+    for _, nbytes in sorted(events, key=lambda e: e[0]):
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """File descriptor 2 sent to /dev/null (what C++ code prints there), restored after."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no descriptor 2
+        yield
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def _nbytes(t: Any) -> int:
@@ -752,11 +874,11 @@ def _sampler(cand: _Candidate, pass_: str, dy: Tensor, cfg: _Config) -> Callable
         def backward(inner: int) -> float:
             ys = [cand.train() for _ in range(inner)]  # forwards outside the timed region
             cfg.sync()
-            start = time.perf_counter()
+            start = cfg.clock()
             for y in ys:
                 torch.autograd.grad(y, cand.wrt, dy)
             cfg.sync()
-            return (time.perf_counter() - start) * 1e3 / inner
+            return (cfg.clock() - start) * 1e3 / inner
 
         return backward
 
@@ -770,11 +892,11 @@ def _sampler(cand: _Candidate, pass_: str, dy: Tensor, cfg: _Config) -> Callable
 
     def timed(inner: int) -> float:
         cfg.sync()
-        start = time.perf_counter()
+        start = cfg.clock()
         for _ in range(inner):
             step()
         cfg.sync()
-        return (time.perf_counter() - start) * 1e3 / inner
+        return (cfg.clock() - start) * 1e3 / inner
 
     return timed
 
@@ -840,18 +962,32 @@ def _measure(
     about ``sample_ms``, then one sample per candidate per repeat in a rotating order."""
     samples: dict[tuple[str, str, str], list[float]] = {}
     for pass_ in cfg.passes:
-        timers, inner = [], []
-        for cand in cands:
-            cand.setup()
-            timers.append(_sampler(cand, pass_, dy, cfg))
-            warm = min(timers[-1](1) for _ in range(_WARMUP))
-            inner.append(max(1, math.ceil(cfg.sample_ms / max(warm, 1e-3))))
-        for r in range(cfg.repeat):
-            for i in range(len(cands)):
-                k = (i + r) % len(cands)
-                cands[k].setup()
-                key = (cands[k].name, cands[k].backend, pass_)
-                samples.setdefault(key, []).append(timers[k](inner[k]))
+        timers = [_sampler(cand, pass_, dy, cfg) for cand in cands]
+        setups = [cand.setup for cand in cands]
+        for cand, s in zip(cands, _interleave(timers, setups, cfg), strict=True):
+            samples[(cand.name, cand.backend, pass_)] = s
+    return samples
+
+
+def _interleave(
+    timers: Sequence[Callable[[int], float]],
+    setups: Sequence[Callable[[], None]],
+    cfg: _Config,
+) -> list[list[float]]:
+    """Samples of each timer (called with a number of calls, returning ms per call), interleaved: after
+    warm-up calls each timer's samples are sized to about ``cfg.sample_ms``, then every repeat takes one
+    sample of each, in an order rotated from repeat to repeat."""
+    inner = []
+    for timer, setup in zip(timers, setups, strict=True):
+        setup()
+        warm = min(timer(1) for _ in range(_WARMUP))
+        inner.append(max(1, math.ceil(cfg.sample_ms / max(warm, 1e-3))))
+    samples: list[list[float]] = [[] for _ in timers]
+    for r in range(cfg.repeat):
+        for i in range(len(timers)):
+            k = (i + r) % len(timers)
+            setups[k]()
+            samples[k].append(timers[k](inner[k]))
     return samples
 
 
@@ -884,7 +1020,8 @@ def run(
     sample_ms: float | None = None,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
-    keep_freed_memory: bool = True,
+    keep_freed_memory: bool = False,
+    clock: str = "wall",
 ) -> list[Row]:
     """Benchmark every variant against torch native, flexbn's standard path and the variant's hand
     composition (eager and compiled); return the rows (the module notes give the method).
@@ -904,7 +1041,9 @@ def run(
         sample_ms: duration of one timing sample (default 20 ms; 1 ms with ``quick``).
         seed: random seed of the inputs (a generator of the run's own).
         progress: called with one line per (shape, variant) as it starts.
-        keep_freed_memory: keep freed blocks in the process (glibc only; the module notes say why).
+        keep_freed_memory: ask glibc to keep freed blocks of up to 32 MiB in the process, for the rest
+            of the process (the module notes say when that helps); default: the allocator as it is.
+        clock: ``"wall"`` or ``"cpu"`` (the process's CPU time; see the module notes).
 
     Every candidate's first call is checked against its reference (``RuntimeError`` if they differ).
 
@@ -927,6 +1066,8 @@ def run(
         raise ValueError(f"repeat must be an int >= 1, but got {repeat!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating torch.dtype, but got {dtype!r}")
+    if clock not in _CLOCKS:
+        raise ValueError(f"clock must be one of {list(_CLOCKS)}, but got {clock!r}")
     for shape in shape_list:
         for v in variant_list:
             _check_variant(v, shape)
@@ -946,7 +1087,8 @@ def run(
             backends=_backends(backends),
             sample_ms=_SAMPLE_MS[quick] if sample_ms is None else float(sample_ms),
             seed=seed,
-            env=_environment(device),
+            env={**_environment(device), "clock": clock},
+            clock=_CLOCKS[clock],
         )
         with _cold_compile(cfg.compile):
             for shape in shape_list:
@@ -981,9 +1123,10 @@ def _block(shape: Shape, variant: str, cfg: _Config) -> list[Row]:
     for cand in cands:
         cand.setup()
         values[("saved", "forward", cand.name, cand.backend)] = [float(_saved_bytes(cand.train))]
-        if cfg.device.type == "cuda":
-            peak = _peak_bytes(cand, t["dy"], cfg.device)
-            values[("peak", "fwd+bwd", cand.name, cand.backend)] = [float(peak)]
+        for pass_, fn in _peak_passes(cand, t["dy"], cfg):
+            peak = _peak_bytes(fn, cfg.device)
+            if peak is not None:
+                values[("peak", pass_, cand.name, cand.backend)] = [float(peak)]
     for (name, backend, pass_), s in _measure(cands, t["dy"], cfg).items():
         values[("time", pass_, name, backend)] = s
 
@@ -1031,9 +1174,295 @@ def _block(shape: Shape, variant: str, cfg: _Config) -> list[Row]:
     return rows
 
 
+def _peak_passes(
+    cand: _Candidate, dy: Tensor, cfg: _Config
+) -> list[tuple[str, Callable[[], object]]]:
+    """The calls whose peak memory is measured: a training forward+backward, and an eval call."""
+
+    def train() -> None:
+        torch.autograd.grad(cand.train(), cand.wrt, dy)
+
+    def evaluate() -> None:
+        with torch.no_grad():
+            cand.eval()
+
+    calls = [("fwd+bwd", train)]
+    return [*calls, ("eval", evaluate)] if "eval" in cfg.passes else calls
+
+
 def _quartiles(samples: list[float]) -> tuple[float, float]:
     q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
     return q1, q3
+
+
+# ------------------------------------------------------------------------------------------- models
+
+
+class BasicBlock(torch.nn.Module):
+    """torchvision's ``BasicBlock``: two 3x3 convolutions with batch norm, in-place ReLU, and the shortcut
+    added in place (``out += identity``)."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample: torch.nn.Module | None = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        return self.relu(out)
+
+
+def resnet(
+    widths: Sequence[int] = (16, 32, 64), blocks: int = 2, classes: int = 10
+) -> torch.nn.Module:
+    """A ResNet of :class:`BasicBlock` stages (the CIFAR ResNets of He et al.: a 3x3 stem, stages of
+    ``widths`` channels, each after the first halving the resolution, global pooling, a linear layer),
+    with torch's ``BatchNorm2d``. The default has 15 batch-norm layers.
+
+    >>> model = resnet()
+    >>> model(torch.randn(2, 3, 32, 32)).shape
+    torch.Size([2, 10])
+    >>> sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    15
+    """
+    nn = torch.nn
+    layers: list[torch.nn.Module] = [
+        nn.Conv2d(3, widths[0], 3, 1, 1, bias=False),
+        nn.BatchNorm2d(widths[0]),
+        nn.ReLU(inplace=True),
+    ]
+    inplanes = widths[0]
+    for i, planes in enumerate(widths):
+        for j in range(blocks):
+            layers.append(BasicBlock(inplanes, planes, 2 if (i > 0 and j == 0) else 1))
+            inplanes = planes
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(inplanes, classes)]
+    return nn.Sequential(*layers)
+
+
+MODEL_SHAPES = (
+    Shape((16, 3, 64, 64)),
+    Shape((16, 3, 64, 64), channels_last=True),
+    Shape((16, 3, 32, 32)),
+    Shape((16, 3, 32, 32), channels_last=True),
+)
+"""The inputs of :func:`run_models`: batch 16 at 64x64 and 32x32, NCHW and channels_last."""
+MODEL_PASSES = ("step", "inference")
+
+
+@dataclass
+class _Model:
+    name: str  # "native" or "flexbn"
+    backend: str
+    model: torch.nn.Module
+    step: Callable[[], Tensor]  # one training step; returns the loss
+    infer: Callable[[], Tensor]
+    setup: Callable[[], None]
+
+
+def _models(shape: Shape, cfg: _Config) -> tuple[list[_Model], Tensor]:
+    """The torch model and, per flexbn backend, the same model converted by ``flexbn.convert`` (same
+    initial weights), each with an SGD optimizer of its own; and the input."""
+    import copy
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch_rng = torch.get_rng_state()
+    torch.manual_seed(cfg.seed)  # the model's initial weights
+    try:
+        base = resnet().to(cfg.device, cfg.dtype)
+    finally:
+        torch.set_rng_state(torch_rng)
+    fmt = torch.channels_last if shape.channels_last else torch.contiguous_format
+    base = base.to(memory_format=fmt)
+    x = (
+        torch.randn(shape.size, generator=gen)
+        .to(cfg.device, cfg.dtype)
+        .contiguous(memory_format=fmt)
+    )
+    labels = torch.randint(0, 10, (shape.size[0],), generator=gen).to(cfg.device)
+
+    def make(name: str, model: torch.nn.Module, backend: str, setup: Callable[[], None]) -> _Model:
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def step() -> Tensor:
+            model.train()
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(x), labels)
+            loss.backward()
+            opt.step()
+            return loss.detach()
+
+        def infer() -> Tensor:
+            model.eval()
+            with torch.no_grad():
+                return model(x)
+
+        return _Model(name, backend, model, step, infer, setup)
+
+    out = [make("native", base, "", lambda: None)]
+    for backend, setup in cfg.backends:
+        out.append(make("flexbn", flexbn.convert(copy.deepcopy(base)), backend, setup))
+    return out, x
+
+
+def _check_models(models: list[_Model], x: Tensor) -> None:
+    """The converted models compute what torch's does: training-mode output and every parameter's
+    gradient on one batch, compared in float64 on copies (in float32 a deep network's rounding differs by
+    more than any tolerance that would still catch a wrong computation); ``RuntimeError`` if not."""
+    import copy
+
+    results = []
+    for m in models:
+        m.setup()
+        model = copy.deepcopy(m.model).double().train()
+        y = model(x.double())
+        grads = torch.autograd.grad(y.square().sum(), list(model.parameters()))
+        results.append((y.detach(), *grads))
+    for m, got in zip(models[1:], results[1:], strict=True):
+        _agree(f"model {m.name} ({m.backend})", got, results[0], "output and gradients")
+
+
+def run_models(
+    shapes: Sequence[Shape | str] | None = None,
+    passes: Sequence[str] = MODEL_PASSES,
+    repeat: int = 7,
+    *,
+    backends: Sequence[str] | None = None,
+    sample_ms: float = 200.0,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    clock: str = "wall",
+    keep_freed_memory: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> list[Row]:
+    """A ResNet (:func:`resnet`) with torch's ``BatchNorm2d`` against the same model converted by
+    ``flexbn.convert``, side by side: training steps (forward, cross-entropy loss, backward, SGD step with
+    momentum) and inference (eval mode, no gradients), interleaved as in :func:`run`, after checking that
+    both compute the same output and gradients. Rows as :class:`Row` (``variant="resnet"``, passes
+    ``"step"`` and ``"inference"``, metrics ``time`` and ``peak``; ``ratio_native`` against torch's
+    model).
+
+    >>> rows = run_models(["2x3x16x16"], passes=["inference"], repeat=1, sample_ms=1.0)
+    >>> sorted({(r.candidate, r.metric) for r in rows})
+    [('flexbn', 'peak'), ('flexbn', 'time'), ('native', 'peak'), ('native', 'time')]
+    """
+    shape_list = [_as_shape(s) for s in (shapes or MODEL_SHAPES)]
+    if not passes or any(p not in MODEL_PASSES for p in passes):
+        raise ValueError(
+            f"passes must be a non-empty subset of {list(MODEL_PASSES)}, got {passes!r}"
+        )
+    if not _is_int(repeat) or repeat < 1:
+        raise ValueError(f"repeat must be an int >= 1, but got {repeat!r}")
+    if clock not in _CLOCKS:
+        raise ValueError(f"clock must be one of {list(_CLOCKS)}, but got {clock!r}")
+    for shape in shape_list:
+        if len(shape.size) != 4 or shape.size[1] != 3:
+            raise ValueError(f"model inputs are (N, 3, H, W) images, but got {shape.name}")
+    device = torch.device(device)
+    if keep_freed_memory:
+        _keep_freed_memory()
+    get_backend = getattr(flexbn, "get_backend", None)
+    previous = get_backend() if backends is not None and callable(get_backend) else None
+    rows: list[Row] = []
+    try:
+        cfg = _Config(
+            passes=tuple(passes),
+            repeat=repeat,
+            compile=False,
+            device=device,
+            dtype=dtype,
+            backends=_backends(backends),
+            sample_ms=float(sample_ms),
+            seed=seed,
+            env={**_environment(device), "clock": clock},
+            clock=_CLOCKS[clock],
+        )
+        for shape in shape_list:
+            if progress is not None:
+                progress(f"resnet {shape.name} {shape.layout}")
+            rows += _model_block(shape, cfg)
+    finally:
+        if previous is not None:
+            flexbn.set_backend(previous)  # type: ignore[attr-defined]
+    return rows
+
+
+def _model_block(shape: Shape, cfg: _Config) -> list[Row]:
+    load = _load()
+    models, x = _models(shape, cfg)
+    _check_models(models, x)
+    values: dict[tuple[str, str, str, str], list[float]] = {}
+    for m in models:
+        m.setup()
+        for pass_ in cfg.passes:
+            call = m.step if pass_ == "step" else m.infer
+            peak = _peak_bytes(call, cfg.device)
+            if peak is not None:
+                values[("peak", pass_, m.name, m.backend)] = [float(peak)]
+    for pass_ in cfg.passes:
+
+        def timer(m: _Model, pass_: str = pass_) -> Callable[[int], float]:
+            call = m.step if pass_ == "step" else m.infer
+
+            def timed(inner: int) -> float:
+                cfg.sync()
+                start = cfg.clock()
+                for _ in range(inner):
+                    call()
+                cfg.sync()
+                return (cfg.clock() - start) * 1e3 / inner
+
+            return timed
+
+        samples = _interleave([timer(m) for m in models], [m.setup for m in models], cfg)
+        for m, s in zip(models, samples, strict=True):
+            values[("time", pass_, m.name, m.backend)] = s
+    medians = {k: statistics.median(v) for k, v in values.items()}
+    rows = []
+    for (metric, pass_, name, backend), s in values.items():
+        native = medians.get((metric, pass_, "native", ""))
+        q1, q3 = (s[0], s[0]) if len(s) == 1 else _quartiles(s)
+        median = medians[(metric, pass_, name, backend)]
+        rows.append(
+            Row(
+                shape=shape.name,
+                layout=shape.layout,
+                variant="resnet",
+                pass_=pass_,
+                metric=metric,
+                candidate=name,
+                backend=backend,
+                unit="ms" if metric == "time" else "bytes",
+                median=median,
+                q1=q1,
+                q3=q3,
+                samples=len(s),
+                input_bytes=_nbytes(x),
+                ratio_native=median / native if native else None,
+                ratio_standard=None,
+                ratio_composition=None,
+                ratio_compiled=None,
+                dtype=str(cfg.dtype).removeprefix("torch."),
+                load=load,
+                **cfg.env,
+            )
+        )
+    return rows
 
 
 # ----------------------------------------------------------------------------------------- reports
@@ -1107,9 +1536,13 @@ COMPACT_WIDTH = 100
 _COMPACT_LEGEND = (
     "x native, x std, x eager, x compiled: flexbn's median time over that of torch native, flexbn's\n"
     "standard path, the variant's hand composition in eager torch and under torch.compile (below 1:\n"
-    "flexbn is faster); eval x nat: the same in eval mode; saved: memory saved for backward over the\n"
-    "input's bytes; cl: channels_last. Every pass, first calls, memory per candidate: --wide; every\n"
-    "row: --csv PATH or --json PATH ('-': stdout)."
+    "flexbn is faster); eval x nat: the same in eval mode; spread: half the range of x native over the\n"
+    "process runs (--runs), in percent; cl: channels_last. Every pass, first calls, memory per\n"
+    "candidate: --wide; every row: --csv PATH or --json PATH ('-': stdout)."
+)
+_MEMORY_LEGEND = (
+    "saved: memory saved for backward over the input's bytes; peak: the most bytes allocated at once\n"
+    "during a training forward+backward (eval: an eval call) over torch native's, and torch's in MiB."
 )
 
 
@@ -1117,33 +1550,63 @@ def _shape_label(r: Row) -> str:
     return r.shape + (" cl" if r.layout == "channels_last" else "")
 
 
+def _spread(r: Row | None) -> str:
+    """Half the range of ``ratio_native`` over the runs, in percent of it (``-`` for one run)."""
+    if r is None or r.runs < 2 or r.ratio_native_lo is None or not r.ratio_native:
+        return "-"
+    half = (r.ratio_native_hi - r.ratio_native_lo) / 2 / r.ratio_native  # type: ignore[operator]
+    return f"±{100 * half:.0f}%"
+
+
+def _cells(rows: Sequence[Row], candidate: str = "flexbn") -> dict[tuple[str, str, str], dict]:
+    """``candidate``'s rows by (shape label, variant, backend), then by ``"metric pass"``."""
+    cells: dict[tuple[str, str, str], dict[str, Row]] = {}
+    for r in rows:
+        if r.candidate == candidate:
+            cells.setdefault((_shape_label(r), r.variant, r.backend), {})[
+                f"{r.metric} {r.pass_}"
+            ] = r
+    return cells
+
+
+def _line(head: tuple[str, str, str], columns: list[tuple[str, int]], values: dict) -> str:
+    shape, variant, backend = head
+    return f"{shape:<15} {variant:<11} {backend:<9} " + " ".join(
+        f"{values[name]:>{w}}" for name, w in columns
+    )
+
+
+def _header(columns: list[tuple[str, int]]) -> str:
+    return f"{'shape':<15} {'variant':<11} {'backend':<9} " + " ".join(
+        f"{name:>{w}}" for name, w in columns
+    )
+
+
 def format_compact(rows: Sequence[Row]) -> str:
     """One line per (shape, layout, variant, flexbn backend): flexbn's training forward+backward time (or
-    the first pass measured) and its ratios to every reference, its eval time against native and the
-    memory it saves for backward; then what the columns mean. At most :data:`COMPACT_WIDTH` columns.
+    the first pass measured) and its ratios to every reference, its eval time against native; rows of
+    several process runs are combined first (:func:`combine`), with the spread over the runs. Then
+    memory: saved for backward and peak against native. At most :data:`COMPACT_WIDTH` columns.
 
     >>> format_compact([]).splitlines()[1].split()[:4]
     ['shape', 'variant', 'backend', 'ms']
     """
-    flex = [r for r in rows if r.candidate == "flexbn"]
+    rows = combine(rows)
+    flex = [r for r in rows if r.candidate == "flexbn" and r.pass_ in PASSES]
     measured = {r.pass_ for r in flex if r.metric == "time"}
     main = next((p for p in ("fwd+bwd", "forward", "backward", "eval") if p in measured), "fwd+bwd")
     compiled = any(r.ratio_compiled is not None for r in flex if r.metric == "time")
+    runs = any(r.runs > 1 for r in flex)
     columns = [("ms", 9), ("x native", 8), ("x std", 6), ("x eager", 7)]
     columns += [("x compiled", 10)] if compiled else []
     columns += [("eval x nat", 10)] if "eval" in measured and main != "eval" else []
-    columns += [("saved", 6)] if any(r.metric == "saved" for r in flex) else []
-    head = f"{'shape':<15} {'variant':<11} {'backend':<9} " + " ".join(
-        f"{name:>{w}}" for name, w in columns
-    )
-    lines = [f"{main} (training forward+backward)" if main == "fwd+bwd" else main, head]
-    lines.append("-" * len(head))
-    cells: dict[tuple[str, str, str, str], dict[str, Row]] = {}
-    for r in flex:
-        key = (_shape_label(r), r.variant, r.backend, "")
-        cells.setdefault(key, {})[f"{r.metric} {r.pass_}"] = r
-    for (shape, variant, backend, _), got in cells.items():
-        t, e, m = got.get(f"time {main}"), got.get("time eval"), got.get("saved forward")
+    columns += [("spread", 6)] if runs else []
+    head = _header(columns)
+    title = f"{main} (training forward+backward)" if main == "fwd+bwd" else main
+    lines = [title + (", median of the runs" if runs else ""), head, "-" * len(head)]
+    cells = _cells(flex)
+    for key, got in cells.items():
+        t, e = got.get(f"time {main}"), got.get("time eval")
         values = {
             "ms": _fmt(t and t.median, ".3f"),
             "x native": _fmt(t and t.ratio_native),
@@ -1151,13 +1614,67 @@ def format_compact(rows: Sequence[Row]) -> str:
             "x eager": _fmt(t and t.ratio_composition),
             "x compiled": _fmt(t and t.ratio_compiled),
             "eval x nat": _fmt(e and e.ratio_native),
-            "saved": _fmt(m and m.median / m.input_bytes),
+            "spread": _spread(t),
         }
+        lines.append(_line(key, columns, values))
+    lines += ["", _COMPACT_LEGEND]
+    memory = _format_memory(flex, rows)
+    return "\n".join(lines + (["", memory] if memory else []))
+
+
+def _format_memory(flex: list[Row], rows: list[Row]) -> str:
+    peaks = {p for r in flex if r.metric == "peak" for p in (r.pass_,)}
+    if not peaks and not any(r.metric == "saved" for r in flex):
+        return ""
+    columns = [("saved", 6), ("peak x nat", 10), ("torch MiB", 9)]
+    columns += [("eval peak x nat", 15)] if "eval" in peaks else []
+    head = _header(columns)
+    lines = ["memory", head, "-" * len(head)]
+    native = _cells(rows, "native")
+    for key, got in _cells(flex).items():
+        m, p, pe = got.get("saved forward"), got.get("peak fwd+bwd"), got.get("peak eval")
+        theirs = native.get((key[0], key[1], ""), {}).get("peak fwd+bwd")
+        values = {
+            "saved": _fmt(m and m.median / m.input_bytes),
+            "peak x nat": _fmt(p and p.ratio_native),
+            "torch MiB": _fmt(theirs and theirs.median / 2**20, ".2f"),
+            "eval peak x nat": _fmt(pe and pe.ratio_native),
+        }
+        lines.append(_line(key, columns, values))
+    return "\n".join([*lines, "", _MEMORY_LEGEND])
+
+
+def format_models(rows: Sequence[Row]) -> str:
+    """One line per (input, layout, pass, flexbn backend) of :func:`run_models`' rows (combined over
+    runs): torch's model and flexbn's in ms, their ratio with its spread over the runs, and the ratio of
+    their peak memory.
+
+    >>> format_models([]).splitlines()[0].split()[:3]
+    ['input', 'pass', 'backend']
+    """
+    rows = combine(rows)
+    head = (
+        f"{'input':<18} {'pass':<10} {'backend':<9} {'torch ms':>9} {'flexbn ms':>9} "
+        f"{'x native':>8} {'spread':>6} {'peak x nat':>10}"
+    )
+    lines = [head, "-" * len(head)]
+    found: dict[tuple[str, str, str], dict[str, Row]] = {}
+    for r in rows:
+        if r.pass_ in MODEL_PASSES and r.candidate == "flexbn":
+            found.setdefault((_shape_label(r), r.pass_, r.backend), {})[r.metric] = r
+    natives = {
+        (_shape_label(r), r.pass_): r
+        for r in rows
+        if r.pass_ in MODEL_PASSES and r.candidate == "native" and r.metric == "time"
+    }
+    for (shape, pass_, backend), got in found.items():
+        t, p, n = got.get("time"), got.get("peak"), natives.get((shape, pass_))
         lines.append(
-            f"{shape:<15} {variant:<11} {backend:<9} "
-            + " ".join(f"{values[name]:>{w}}" for name, w in columns)
+            f"{shape:<18} {pass_:<10} {backend:<9} {_fmt(n and n.median, '.1f'):>9} "
+            f"{_fmt(t and t.median, '.1f'):>9} {_fmt(t and t.ratio_native):>8} {_spread(t):>6} "
+            f"{_fmt(p and p.ratio_native):>10}"
         )
-    return "\n".join([*lines, "", _COMPACT_LEGEND])
+    return "\n".join(lines)
 
 
 def _label(r: Row) -> str:
@@ -1166,132 +1683,18 @@ def _label(r: Row) -> str:
     )
 
 
-@dataclass(frozen=True)
-class Target:
-    """One of the issue's performance targets checked on rows, for one flexbn backend: ``worst`` is the
-    measured value furthest from ``limit`` (a ratio, or for memory extra bytes per channel), ``where``
-    its configuration."""
-
-    name: str
-    backend: str
-    limit: float
-    worst: float
-    where: str
-    met: bool
-
-
-def targets(rows: Sequence[Row]) -> list[Target]:
-    """Check the issue's targets on ``rows``, per flexbn backend (training forward+backward unless said):
-
-    * standard path <= 0.7x native on channels-first input with spatial dimensions (NCHW, ``(N, C, L)``),
-      <= 1.0x on channels_last and ``(N, C)``;
-    * every variant <= 1.25x flexbn's standard path, and >= 3x faster than its eager hand composition
-      (ratio <= 1/3);
-    * eval <= 1.1x native;
-    * memory saved for backward <= the inputs + O(C), O(C) read as at most 1 KiB per channel.
-
-    flexbn's standard path and native are timed side by side in every (shape, variant) block, and every
-    variant's eval mode is the same computation: for those two targets the median over a shape's blocks
-    is compared (a single block's ratio moves by +-30% on a busy machine). Targets without rows are left
-    out.
-
-    >>> targets([])
-    []
-    """
-    found: list[Target] = []
-    for backend in dict.fromkeys(r.backend for r in rows if r.candidate == "flexbn"):
-        flex = [r for r in rows if r.backend == backend and r.candidate.startswith("flexbn")]
-        found += _targets(flex, backend)
-    return found
-
-
-def _targets(flex: list[Row], backend: str) -> list[Target]:
-    found: list[Target] = []
-
-    def check(name: str, limit: float, picked: list[tuple[float, str]]) -> None:
-        if picked:
-            worst, where = max(picked)
-            found.append(Target(name, backend, limit, worst, where, worst <= limit))
-
-    def per_shape(rs: list[Row], pass_: str) -> dict[tuple[str, str], float]:
-        ratios: dict[tuple[str, str], list[float]] = {}
-        for r in rs:
-            if r.metric == "time" and r.pass_ == pass_ and r.ratio_native is not None:
-                ratios.setdefault((r.shape, r.layout), []).append(r.ratio_native)
-        return {k: statistics.median(v) for k, v in ratios.items()}
-
-    standard = [r for r in flex if r.candidate == "flexbn-standard" or r.variant == "standard"]
-    std = per_shape(standard, "fwd+bwd")
-    nchw: list[tuple[float, str]] = []
-    other: list[tuple[float, str]] = []
-    for (shape, layout), v in std.items():
-        spatial = layout == "contiguous" and shape.count("x") > 1
-        (nchw if spatial else other).append((v, f"{shape} {layout}"))
-    check("standard fwd+bwd / native, NCHW and (N,C,L)", 0.7, nchw)
-    check("standard fwd+bwd / native, channels_last and (N,C)", 1.0, other)
-    variants = [r for r in flex if r.candidate == "flexbn" and r.metric == "time"]
-    fwd_bwd = [r for r in variants if r.pass_ == "fwd+bwd"]
-    for name, limit, attr in (
-        ("variant fwd+bwd / flexbn standard", 1.25, "ratio_standard"),
-        ("variant fwd+bwd / eager composition", 1 / 3, "ratio_composition"),
-    ):
-        picked = [
-            (getattr(r, attr), f"{r.shape} {r.layout} {r.variant}")
-            for r in fwd_bwd
-            if attr == "ratio_composition" or r.variant != "standard"  # 1 by definition
-        ]
-        check(name, limit, [(v, where) for v, where in picked if v is not None])
-    evals = per_shape([r for r in flex if r.metric == "time"], "eval")
-    check("eval / native", 1.1, [(v, f"{s} {lay}") for (s, lay), v in evals.items()])
-    saved = [
-        (
-            (r.median - r.input_bytes) / int(r.shape.split("x")[1]),
-            f"{r.shape} {r.layout} {r.variant}",
-        )
-        for r in flex
-        if r.metric == "saved" and r.candidate == "flexbn"
-    ]
-    check("saved for backward: extra bytes per channel beyond the inputs", 1024.0, saved)
-    return found
-
-
-TARGET_MIN_ELEMENTS = 2**20
-"""The smallest input (elements) on which the targets are judged: below it, a call's fixed cost (argument
-checks, dispatch, allocation: tens of microseconds) dominates the time, not the passes over the data the
-targets are about. :data:`SHAPES` all have at least this many; :data:`QUICK_SHAPES` none."""
-
-
-def judged(rows: Sequence[Row]) -> tuple[list[Row], list[str]]:
-    """The rows whose shape is large enough for the targets (:data:`TARGET_MIN_ELEMENTS`), and the names
-    of the shapes left out.
-
-    >>> judged([])
-    ([], [])
-    """
-    kept: list[Row] = []
-    small: dict[str, None] = {}
-    for r in rows:
-        if math.prod(int(n) for n in r.shape.split("x")) >= TARGET_MIN_ELEMENTS:
-            kept.append(r)
-        else:
-            small[_shape_label(r)] = None
-    return kept, list(small)
-
-
-def format_targets(found: Sequence[Target]) -> str:
-    """One line per target: met or not, the backend, the limit, the worst value and where.
-
-    >>> print(format_targets([Target("eval / native", "reference", 1.1, 1.3, "8x3 contiguous", False)]))
-    NOT MET  [reference] eval / native: worst 1.30 (limit 1.10) at 8x3 contiguous
-    """
-    return "\n".join(
-        f"{'met    ' if t.met else 'NOT MET'}  [{t.backend}] {t.name}: worst {t.worst:.2f} "
-        f"(limit {t.limit:.2f}) at {t.where}"
-        for t in found
-    )
-
-
 # ------------------------------------------------------------------------------- command line
+
+PER_CALL = {
+    "shapes": ("8x16x4x4",),
+    "variants": ("standard", "detach_var"),
+    "passes": ("fwd+bwd", "eval"),
+    "backends": ("auto", "cpp"),
+    "clock": "cpu",
+}
+"""``flexbn bench --per-call``: a small input, where a call's fixed cost is most of its time, the
+standard path and one variant, training forward+backward and eval, under ``auto`` (torch's own batch
+norm where it computes the same) and explicit ``cpp``, timed in CPU time."""
 
 
 def add_arguments(parser: Any) -> None:
@@ -1300,8 +1703,20 @@ def add_arguments(parser: Any) -> None:
     add(
         "--quick",
         action="store_true",
-        help="a smoke run: tiny shapes, 3 short repeats, no compile, no verdict on the targets "
-        "(seconds; per-call overhead dominates such shapes)",
+        help="a smoke run: tiny shapes, 3 short repeats, no compile (seconds; per-call overhead "
+        "dominates such shapes)",
+    )
+    add(
+        "--per-call",
+        action="store_true",
+        help="per-call costs: a (8,16,4,4) input, standard and detach_var, fwd+bwd and eval, "
+        "backends auto and cpp, CPU time",
+    )
+    add(
+        "--model",
+        action="store_true",
+        help="a ResNet with torch's BatchNorm2d against the same model converted by flexbn.convert: "
+        "training steps and inference, batch 16 at 64x64 and 32x32, NCHW and channels_last",
     )
     add(
         "--shape",
@@ -1321,9 +1736,10 @@ def add_arguments(parser: Any) -> None:
         "--pass",
         dest="passes",
         action="append",
-        choices=list(PASSES),
+        choices=[*PASSES, *MODEL_PASSES],
         metavar="PASS",
-        help=f"a pass (repeatable; default all: {', '.join(PASSES)})",
+        help=f"a pass (repeatable; default all: {', '.join(PASSES)}; with --model: "
+        f"{', '.join(MODEL_PASSES)})",
     )
     add(
         "--backend",
@@ -1333,7 +1749,20 @@ def add_arguments(parser: Any) -> None:
         help="a flexbn backend to time flexbn with (repeatable; default: the current one)",
     )
     add("--repeat", type=int, metavar="N", help="interleaved samples per candidate (7; quick 3)")
+    add(
+        "--runs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the benchmark in N processes, one after the other, and report the median and the "
+        "spread over them (default 1: this process)",
+    )
     add("--threads", type=int, metavar="N", help="torch threads for the run (default: torch's)")
+    add(
+        "--clock",
+        choices=list(_CLOCKS),
+        help="wall: elapsed time (default); cpu: the process's CPU time (one thread on a busy machine)",
+    )
     add("--json", metavar="PATH", help="write the rows as JSON ('-': to stdout, tables to stderr)")
     add("--csv", metavar="PATH", help="write the rows as CSV ('-': to stdout, tables to stderr)")
     add(
@@ -1343,10 +1772,10 @@ def add_arguments(parser: Any) -> None:
     )
     add("--no-compile", action="store_true", help="do not time the composition under torch.compile")
     add(
-        "--os-memory",
+        "--keep-freed-memory",
         action="store_true",
-        help="let glibc return freed memory to the system (default: keep it; page faults otherwise "
-        "dominate on virtual machines)",
+        help="ask glibc (mallopt) to keep freed blocks of up to 32 MiB in the process: fewer page "
+        "faults, steadier times, but not the allocator users run with (default: as it is)",
     )
     add("--device", default="cpu", help="torch device (default: cpu)")
 
@@ -1358,9 +1787,10 @@ def add_parser(subparsers: Any) -> None:
             "bench",
             help="time flexbn against torch native and hand compositions (ratios side by side)",
             description="Time flexbn against torch's native batch norm and each variant's hand-written\n"
-            "composition (eager and under torch.compile), side by side; print the ratios and whether\n"
-            "flexbn's performance targets are met (on shapes of at least 2^20 elements), write the\n"
-            "rows. The method: the module notes of flexbn.bench.",
+            "composition (eager and under torch.compile), side by side, after checking that they\n"
+            "compute the same thing; print the ratios and memory, write the rows. --per-call: the\n"
+            "fixed cost of a call; --model: a whole ResNet. The method: the module notes of\n"
+            "flexbn.bench.",
             epilog="variants:\n"
             + "\n".join(f"  {name:<12} {v.description}" for name, v in VARIANTS.items()),
             formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1371,59 +1801,121 @@ def add_parser(subparsers: Any) -> None:
 QUICK_NOTE = (
     "flexbn bench --quick: a smoke run. Tiny shapes, 3 short samples, no torch.compile: it checks that\n"
     "every candidate runs and agrees with its reference. Per-call overhead dominates such shapes, so the\n"
-    "times say little about speed, and the targets are not judged. For measurements: flexbn bench\n"
-    "(the default shapes; --threads 1 on a busy machine)."
+    "times say little about speed. For measurements: flexbn bench (the default shapes; --threads 1 on\n"
+    "a busy machine; --runs 5 for the spread between processes)."
 )
 
 
-def _targets_report(rows: Sequence[Row], *, quick: bool) -> str:
-    """The targets on the rows they apply to, or why they are not judged."""
-    kept, small = judged(rows)
-    found = targets(kept)
-    if quick or not found:
-        if quick:
-            why = "a smoke run (--quick)"
-        elif small:
-            why = (
-                f"every shape is under {TARGET_MIN_ELEMENTS:,} elements, where per-call overhead "
-                "dominates"
-            )
-        else:
-            return ""
-        return f"\ntargets: not judged -- {why}. Run flexbn bench (default shapes) to check them."
-    lines = ["", "targets (training forward+backward unless named):", format_targets(found)]
-    if small:
-        lines.append(
-            f"(not judged on {', '.join(small)}: under {TARGET_MIN_ELEMENTS:,} elements, per-call "
-            "overhead dominates)"
-        )
-    return "\n".join(lines)
+def _settings(args: Any) -> dict[str, Any]:
+    """``args`` with the --per-call preset applied (explicit options win)."""
+    preset: dict[str, Any] = dict(PER_CALL) if args.per_call else {}
+    if preset and not _cpp_available():
+        preset["backends"] = ("auto",)
+    return {
+        "shapes": args.shape or preset.get("shapes"),
+        "variants": args.variant or preset.get("variants"),
+        "passes": args.passes or preset.get("passes"),
+        "backends": args.backends or preset.get("backends"),
+        "clock": args.clock or preset.get("clock", "wall"),
+        "compile": not (args.no_compile or args.per_call),
+    }
+
+
+def _cpp_available() -> bool:
+    try:
+        from flexbn._core.backend import cpp_available
+    except ImportError:
+        return False
+    return cpp_available()
+
+
+def _child_argv(args: Any) -> list[str]:
+    """The options of this command for one process of ``--runs`` (without --runs and the outputs)."""
+    argv = ["bench"]
+    flags = ("quick", "per_call", "model", "wide", "no_compile", "keep_freed_memory")
+    argv += [f"--{f.replace('_', '-')}" for f in flags if getattr(args, f)]
+    for name, values in (
+        ("--shape", args.shape),
+        ("--variant", args.variant),
+        ("--pass", args.passes),
+        ("--backend", args.backends),
+    ):
+        for v in values or ():
+            argv += [name, v]
+    for name, value in (
+        ("--repeat", args.repeat),
+        ("--threads", args.threads),
+        ("--clock", args.clock),
+        ("--device", args.device),
+    ):
+        if value is not None:
+            argv += [name, str(value)]
+    return argv
+
+
+def _runs(args: Any, out: Any) -> list[Row]:
+    """``args.runs`` processes of this command, one after the other; their rows, numbered by run."""
+    import subprocess
+    import tempfile
+
+    rows: list[Row] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(args.runs):
+            print(f"run {i + 1} of {args.runs}", file=sys.stderr, flush=True)
+            path = os.path.join(tmp, f"run{i}.json")
+            cmd = [sys.executable, "-m", "flexbn", *_child_argv(args), "--json", path]
+            done = subprocess.run(cmd, stdout=subprocess.DEVNULL, check=False)
+            if done.returncode != 0:
+                raise RuntimeError(f"run {i + 1} failed (exit status {done.returncode})")
+            rows += [dataclasses.replace(r, run=i) for r in read_json(path)]
+    return rows
 
 
 def run_cli(args: Any) -> int:
-    """Run ``flexbn bench`` with parsed ``args``: print the tables and the targets, write the rows; return
-    the exit status (2 for bad arguments)."""
+    """Run ``flexbn bench`` with parsed ``args``: print the tables, write the rows; return the exit status
+    (2 for bad arguments)."""
     threads = torch.get_num_threads()
     out = sys.stderr if "-" in (args.json, args.csv) else sys.stdout
     if args.quick:
         print(QUICK_NOTE, file=out, flush=True)
+    settings = _settings(args)
     try:
+        if args.runs < 1:
+            raise ValueError(f"--runs must be >= 1, but got {args.runs}")
         if args.threads is not None:
             if args.threads < 1:
                 raise ValueError(f"--threads must be >= 1, but got {args.threads}")
             torch.set_num_threads(args.threads)
-        rows = run(
-            shapes=args.shape,
-            variants=args.variant,
-            passes=tuple(args.passes or PASSES),
-            repeat=args.repeat,
-            quick=args.quick,
-            compile_composition=not args.no_compile,
-            keep_freed_memory=not args.os_memory,
-            device=args.device,
-            backends=args.backends,
-            progress=lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr),
-        )
+        if args.model and args.per_call:
+            raise ValueError("--model and --per-call are separate benchmarks (pass one of them)")
+        progress = lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", file=sys.stderr)  # noqa: E731
+        if args.runs > 1:
+            rows = _runs(args, out)
+        elif args.model:
+            rows = run_models(
+                settings["shapes"],
+                passes=tuple(settings["passes"] or MODEL_PASSES),
+                repeat=args.repeat or 7,
+                backends=settings["backends"],
+                device=args.device,
+                clock=settings["clock"],
+                keep_freed_memory=args.keep_freed_memory,
+                progress=progress,
+            )
+        else:
+            rows = run(
+                shapes=settings["shapes"],
+                variants=settings["variants"],
+                passes=tuple(settings["passes"] or PASSES),
+                repeat=args.repeat,
+                quick=args.quick,
+                compile_composition=settings["compile"],
+                keep_freed_memory=args.keep_freed_memory,
+                device=args.device,
+                backends=settings["backends"],
+                progress=progress,
+                clock=settings["clock"],
+            )
     except (ValueError, TypeError) as e:
         print(f"flexbn bench: error: {e}", file=sys.stderr)
         return 2
@@ -1434,15 +1926,17 @@ def run_cli(args: Any) -> int:
         built = _kernel_build()
         if built:
             print(built, file=out)
+        runs = f", {args.runs} processes" if args.runs > 1 else ""
         print(
-            f"device={r.device}, dtype={r.dtype}, threads={r.threads}, load (1 min)="
-            f"{min(loads)}-{max(loads)}\ntorch={r.torch}, flexbn={r.flexbn}, python={r.python}",
+            f"device={r.device}, dtype={r.dtype}, threads={r.threads}, clock={r.clock}{runs}, "
+            f"load (1 min)={min(loads)}-{max(loads)}\n"
+            f"torch={r.torch}, flexbn={r.flexbn}, python={r.python}",
             file=out,
         )
-    print(format_table(rows, wide=args.wide), file=out)
-    report = _targets_report(rows, quick=args.quick)
-    if report:
-        print(report, file=out)
+    if args.model:
+        print(format_models(rows), file=out)
+    else:
+        print(format_table(rows, wide=args.wide), file=out)
     if args.json:
         write_json(rows, args.json)
     if args.csv:

@@ -35,9 +35,10 @@ class SyncBatchNorm(_FlexBatchNorm):
     a CPU model; ``convert_sync_batchnorm`` is :func:`flexbn.convert` with ``sync=True``. CPU tensors and
     the gloo backend work (torch raises ``ValueError: SyncBatchNorm
     expected input tensor to be on GPU``); the statistics are combined exactly (no loss of precision when
-    the ranks' means are large); ranks whose configurations differ raise the same ``ValueError`` instead of
-    computing garbage. Per forward one ``all_gather`` (two with ``groups=``: the bag counts first), per
-    backward one ``all_reduce`` (none when both statistics are detached: no gradient flows through them).
+    the ranks' means are large); ranks whose configurations differ -- the channel count too -- or whose
+    calls of the layer are out of step raise the same ``ValueError`` instead of computing garbage. Per
+    forward two ``all_gather``: a fixed-size header, then the statistics; per backward one ``all_reduce``
+    (none when both statistics are detached: no gradient flows through them).
     Not supported with synchronisation: ``virtual_batch_size`` (ghost batches are one rank's chunks),
     double backward and forward-mode AD through the statistics.
 
@@ -106,6 +107,11 @@ class SyncBatchNorm(_FlexBatchNorm):
         groups: Tensor | None = None,
         stats_input: Tensor | None = None,
     ) -> Tensor:
+        if self.training:  # synchronised calls, counted before any check: a refused one counts too
+            self._calls = getattr(self, "_calls", 0) + 1
         self._check_input_dim(input)
         self._check_non_zero_input_channels(input)
         return super().forward(input, mask=mask, groups=groups, stats_input=stats_input)
+
+    def _sync_calls(self) -> int:
+        return getattr(self, "_calls", 0)

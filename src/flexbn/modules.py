@@ -114,12 +114,7 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
         Called once the call is validated: a rejected call changes nothing.
         """
         factor: float | Tensor = 0.0 if self.momentum is None else self.momentum
-        if (
-            self.training
-            and self.track_running_stats
-            and self.num_batches_tracked is not None
-            and not _core.renorm.recomputing()  # counted by the first forward (checkpointing)
-        ):
+        if self._counts():  # (not when checkpointing recomputes the forward: counted by the first)
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 factor = _cumulative_factor(self.num_batches_tracked, self.running_mean)
@@ -179,11 +174,18 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
             renorm=self.renorm,
             rmax=self.rmax,
             dmax=self.dmax,
+            calls=self._sync_calls(),
         )
+        counted = self._counts()
         momentum = self._momentum_factor()
-        return _core.batch_norm(
-            input, running_mean, running_var, self.weight, self.bias, momentum, plan
-        )
+        try:
+            return _core.batch_norm(
+                input, running_mean, running_var, self.weight, self.bias, momentum, plan
+            )
+        except Exception:  # refused by the statistics (a segment of one value, the other ranks):
+            if counted:  # the call did not happen
+                self.num_batches_tracked.sub_(1)
+            raise
 
     def _traced_forward(
         self,
@@ -250,6 +252,19 @@ class _FlexBatchNorm(nn.modules.batchnorm._BatchNorm):
     def _sync_group(self) -> Any:
         """The process group training statistics are combined over (``flexbn.SyncBatchNorm``); None."""
         return None
+
+    def _sync_calls(self) -> int:
+        """The call counter the ranks compare (``flexbn.SyncBatchNorm``); 0."""
+        return 0
+
+    def _counts(self) -> bool:
+        """Whether this call bumps ``num_batches_tracked`` (:meth:`_momentum_factor`)."""
+        return (
+            self.training
+            and self.track_running_stats
+            and self.num_batches_tracked is not None
+            and not _core.renorm.recomputing()
+        )
 
     def extra_repr(self) -> str:
         rep = super().extra_repr()
@@ -451,16 +466,24 @@ class _DomainBatchNorm(nn.Module):
         )
         momentum: float | Tensor = 0.0 if self.momentum is None else self.momentum
         recompute = _core.renorm.recomputing()  # counted by the first forward (checkpointing)
+        present = None
         if self.training and self.track_running_stats and input.numel() > 0 and not recompute:
-            present = _core.reference.counts(input, plan.seg, torch.float32) > 0
-            self.num_batches_tracked.add_(present.long())
+            present = (_core.reference.counts(input, plan.seg, torch.float32) > 0).long()
+            self.num_batches_tracked.add_(present)
             if self.momentum is None:
                 momentum = _cumulative_factor(
                     self.num_batches_tracked, self.running_mean
                 ).unsqueeze(1)
-        return _core.batch_norm(
-            input, running_mean, running_var, self.weight, self.bias, momentum, plan
-        )
+        try:
+            return _core.batch_norm(
+                input, running_mean, running_var, self.weight, self.bias, momentum, plan
+            )
+        except (
+            Exception
+        ):  # refused by the statistics (a domain of one value): the call did not happen
+            if present is not None:
+                self.num_batches_tracked.sub_(present)
+            raise
 
     def __prepare_scriptable__(self) -> nn.Module:
         """For ``torch.jit.script``: one clear error (TorchScript cannot compile per-domain statistics)."""
@@ -563,10 +586,19 @@ def renorm_schedule(
     return 1.0 + (rmax - 1.0) * ramp(rmax_at), dmax * ramp(dmax_at)
 
 
+def _renorm_layer(module: nn.Module) -> bool:
+    """A flexbn layer, or a subclass routed by :func:`flexbn.convert`, with ``renorm=True``."""
+    from .convert import _is_routed  # (convert imports this module)
+
+    flexbn_layer = isinstance(module, (_FlexBatchNorm, _DomainBatchNorm)) or _is_routed(module)
+    return flexbn_layer and bool(getattr(module, "renorm", False))
+
+
 def set_renorm_limits(model: nn.Module, rmax: float | Tensor, dmax: float | Tensor) -> int:
     """Set ``rmax`` and ``dmax`` on every flexbn module of ``model`` (itself included) that has
-    ``renorm=True``; returns how many. They take effect at the next forward. A limit the module holds as
-    a 0-d tensor (for ``torch.compile``: no recompilation) is written into, in place.
+    ``renorm=True`` -- batch-norm subclasses converted by :func:`flexbn.convert` included; returns how
+    many. They take effect at the next forward. A limit the module holds as a 0-d tensor (for
+    ``torch.compile``: no recompilation) is written into, in place.
 
     Example:
         >>> import torch, flexbn
@@ -579,7 +611,7 @@ def set_renorm_limits(model: nn.Module, rmax: float | Tensor, dmax: float | Tens
     _plan.check_renorm(True, rmax, dmax)
     count = 0
     for module in model.modules():
-        if isinstance(module, (_FlexBatchNorm, _DomainBatchNorm)) and module.renorm:
+        if _renorm_layer(module):
             for name, value in (("rmax", rmax), ("dmax", dmax)):
                 current = getattr(module, name)
                 if isinstance(current, Tensor) and not isinstance(value, Tensor):

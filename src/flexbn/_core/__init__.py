@@ -21,7 +21,7 @@ from torch import Tensor
 from . import autograd, backend, ops, reference, sync
 from . import plan as _plan
 from . import renorm as _renorm
-from .autograd import EagerBatchNormFunction, NormalizeFunction, NormalizeFunctionNoJvp, Spec
+from .autograd import BatchNormFunction, NormalizeFunction, NormalizeFunctionNoJvp, Spec
 from .segments import Segments
 from .stats import Moments, compute_dtype, table_dtype
 
@@ -36,6 +36,7 @@ batch norm: its fixed cost per call is lower, and at this size the fixed cost is
 in ``docs/benchmarks.md``). Eval with running statistics runs torch's always under ``auto``; an explicit
 backend runs flexbn's own implementation everywhere (except in graphs recorded for other tools)."""
 _ops_running_update = ops.running_update
+_is_tracing = _plan._is_tracing
 
 
 def batch_norm(
@@ -99,7 +100,7 @@ def _run(
     transformed = _transformed(x, weight, bias, plan.stats_input, running_mean)
     name = "reference" if transformed else backend.requested()
     if plan.standard and in_place and not isinstance(momentum, Tensor):
-        on_torch = transformed or torch.jit.is_tracing()  # graphs that other tools can read
+        on_torch = transformed or _is_tracing()  # graphs that other tools can read
         if not on_torch and name == "auto":  # the fastest: see TORCH_BELOW
             on_torch = (
                 not plan.batch
@@ -108,12 +109,12 @@ def _run(
                 or not backend.cpp_available()
             )
         if on_torch:
-            cudnn = torch.backends.cudnn.enabled
+            cudnn = x.is_cuda and torch.backends.cudnn.enabled  # read only where it matters
             y = torch.batch_norm(
                 x, weight, bias, running_mean, running_var, plan.batch, momentum, plan.eps, cudnn
             )
             return y, running_mean, running_var
-    traced = torch.jit.is_tracing()  # operators, so that the trace records them
+    traced = _is_tracing()  # operators, so that the trace records them
     local = not transformed and seg.group is None
     recompute = in_place and _renorm.recomputing()
     if plan.batch and local and in_place and plan.renorm is None:
@@ -143,9 +144,9 @@ def _run(
             )[0]
         elif ops.differentiable(x, weight, bias, z):
             spec = Spec(plan.eps, *flags, False, seg, name)
-            y = EagerBatchNormFunction.apply(
+            y = BatchNormFunction.apply(
                 x, weight, bias, z, spec, running, momentum, plan.counts_from
-            )[0]
+            )
         else:
             spec = Spec(plan.eps, *flags, False, seg, name)
             y = autograd.forward(x, weight, bias, z, running, momentum, spec, plan.counts_from)[0]
@@ -157,9 +158,9 @@ def _run(
         m = _moments(source, seg, name, traced)
         if plan.counts_from is not None and m is not None and _plan.readable(m.count):
             autograd.check_counts(m.count, plan.counts_from, x)
-        if seg.group is not None:  # combined with the other ranks' moments: one collective
+        if seg.group is not None:  # combined with the other ranks' moments
             flags = (plan.detach_mean, plan.detach_var, stats_input is not None)
-            m, seg = sync.exchange(m, seg, x, plan.eps, flags)
+            m, seg = sync.exchange(m, seg, x, plan.eps, flags, _settings(momentum, plan))
         r_d = None
         if plan.renorm is not None and running_mean is not None and running_var is not None:
             r_d = _corrections(m, x, running_mean, running_var, plan, in_place, recompute)
@@ -190,6 +191,12 @@ def _run(
     flags = (grad_mean, grad_var, not plan.batch)
     y = _normalize(x, weight, bias, stats_input, m, plan.eps, flags, seg, name, traced)
     return y, new_mean, new_var
+
+
+def _settings(momentum: float | Tensor, plan: _plan.Plan) -> sync.Settings:
+    """What the ranks of a synchronised call must agree on beyond the statistics' configuration."""
+    rmax, dmax = plan.renorm if plan.renorm is not None else (0.0, 0.0)
+    return sync.Settings(float(momentum), float(rmax), float(dmax), plan.calls)
 
 
 def _stats_source(plan: _plan.Plan) -> Tensor | None:

@@ -40,6 +40,7 @@ from .segments import Segments
 from .stats import Moments
 
 __all__ = [
+    "BatchNormFunction",
     "EagerBatchNormFunction",
     "EagerNormalizeFunction",
     "NormalizeFunction",
@@ -277,8 +278,8 @@ class EagerNormalizeFunction(torch.autograd.Function):
 
 class EagerBatchNormFunction(torch.autograd.Function):
     """One training forward of one process (:func:`forward`) with the backward of
-    :class:`NormalizeFunction`, in the older form (eager calls and the ``flexbn::batch_norm`` operator).
-    Returns ``(y, count, mean, m2)``; the tables are not differentiable."""
+    :class:`NormalizeFunction`, in the older form (the ``flexbn::batch_norm`` operator). Returns
+    ``(y, count, mean, m2)``; the tables are not differentiable."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -306,6 +307,36 @@ class EagerBatchNormFunction(torch.autograd.Function):
         return (*_backward(ctx, grad_out), None, None, None, None)
 
 
+class BatchNormFunction(torch.autograd.Function):
+    """:class:`EagerBatchNormFunction` for eager calls, which use the output only: returning the tables
+    too costs every call a few microseconds in the forward and about ten in the backward (the engine
+    handles four outputs and their gradients)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        stats_input: Tensor | None,
+        spec: Spec,
+        running: tuple[Tensor, Tensor] | None,
+        momentum: float | Tensor,
+        check: str | None,
+    ) -> Tensor:
+        y, m, impl = forward(x, weight, bias, stats_input, running, momentum, spec, check)
+        _setup(ctx, x, weight, bias, stats_input, m, spec, impl)
+        return y
+
+    @staticmethod
+    def jvp(ctx: Any, x_t: Any, w_t: Any, b_t: Any, z_t: Any, *_: Any) -> Any:
+        return _jvp(ctx, x_t, w_t, b_t, z_t)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        return (*_backward(ctx, grad_out), None, None, None, None)
+
+
 def forward(
     x: Tensor,
     weight: Tensor | None,
@@ -320,7 +351,7 @@ def forward(
     output, the statistics and the implementation that ran. Raises before any state changes when ``check``
     (the option that selects the segments) finds a segment of at most one value per channel."""
     source = x if stats_input is None else stats_input
-    impl = backend.implementation(spec.name, x, source, weight, bias)
+    impl = backend.implementation(spec.name, x, stats_input, weight, bias)
     code = 0 if check is None else (2 if check == "domain" else 1)
     with torch.no_grad():
         y, m = impl.forward(

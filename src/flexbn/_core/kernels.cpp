@@ -97,9 +97,14 @@ int threads_for(i64 work, int threads) {
 // body(t, team) on an OpenMP team of up to `threads` threads; returns the team's size (it may be smaller
 // than asked: OMP_THREAD_LIMIT, nesting). An exception cannot leave an OpenMP region (the process would
 // terminate): the first one thrown by any thread (std::bad_alloc for a per-thread table) is rethrown
-// here once the team has joined, and the entry points turn it into an error code.
+// here once the team has joined, and the entry points turn it into an error code. One thread: no region
+// (entering one costs about a microsecond, a small call's whole work).
 template <class Body>
 int parallel(int threads, Body&& body) {
+  if (threads <= 1) {
+    body(0, 1);
+    return 1;
+  }
   std::exception_ptr error;
   int team = 1;
 #pragma omp parallel num_threads(threads)
@@ -193,7 +198,9 @@ inline T probe(const T* v, const u8* m, i64 len) {
 // inv_k = 1 / k and f = k / (n + k) (shared by every channel of the run: no division here).
 inline void merge_run(double n, double& mean, double& m2, double inv_k, double f, double K, double s1,
                       double s2) {
-  const double run_mean = K + s1 * inv_k, run_m2 = std::max(0.0, s2 - s1 * s1 * inv_k);
+  const double run_mean = K + s1 * inv_k;
+  double run_m2 = s2 - s1 * s1 * inv_k;
+  if (run_m2 < 0) run_m2 = 0;  // rounding; not std::max, which would turn a NaN (inf input) into 0
   if (n == 0) {
     mean = run_mean;
     m2 = run_m2;
@@ -251,18 +258,32 @@ void moments_ncl(const T* x, const Geo& g, double* count, double* mean, double* 
 // NLC reductions (channels_last and (N, C) input): rows r = n * L + l of C contiguous values.
 //
 // One walker serves the statistics and the backward sums. It takes rows [r0, r1) in memory order, in
-// groups of consecutive rows of one segment (up to GROUP, or WIDE_GROUP for wide rows; masked-out rows
-// stay in a group and are cleared there), and hands each group to an accumulation policy, which adds it
-// to that segment's partial sums in the input's precision. A segment's partial sums are flushed into its
-// double-precision results after BLOCK_ROWS rows. Partial sums are kept for every segment at once while
-// they fit in SCATTER_BYTES; beyond (many segments), one segment's at a time, flushed when the segment
-// changes.
+// groups of up to GROUP consecutive rows of one segment (masked-out rows stay in a group and are cleared
+// there), and hands each group to an accumulation policy, which adds it to that segment's partial sums in
+// the input's precision, R rows per visit of the partial sums (group_rows). A segment's partial sums are
+// flushed into its double-precision results after BLOCK_ROWS rows. Partial sums are kept for every
+// segment at once while they fit in SCATTER_BYTES; beyond (many segments), one segment's at a time,
+// flushed when the segment changes.
 
 constexpr i64 SCATTER_BYTES = i64(1) << 20;
-constexpr int GROUP = 16;  // rows of one segment added per visit of its partial sums
-// Rows of 2 KiB or more: 16 of them (twice, for the backward's two inputs) at once map to the same L1
-// sets and evict each other; 4 at a time, the per-row overhead is already small against the row.
+constexpr int GROUP = 16;  // rows of one segment handed to the policy at a time
+
+// Rows added per visit of the partial sums, by the bytes of a row (of the channels read). A visit reads
+// its R rows channel-vector by channel-vector, so the R rows should span about 1 KiB: narrower rows cost
+// more per row than their values (16 rows of 64 bytes, 8 of 128, 4 up to ROW_BY_ROW_BYTES); wider ones
+// are read one by one, in memory order (R rows of 512 bytes read across ran at half the speed of a plain
+// stream: the hardware prefetchers follow one stream, not R interleaved ones); rows of WIDE_ROW_BYTES or
+// more, WIDE_GROUP at a time (their per-row overhead is small, and 16 of them, twice for the backward's
+// two inputs, map to the same L1 sets and evict each other).
+constexpr i64 ROW_BY_ROW_BYTES = 512;
+constexpr i64 WIDE_ROW_BYTES = 2048;
 constexpr int WIDE_GROUP = 4;
+
+inline int group_rows(i64 row_bytes) {
+  if (row_bytes >= WIDE_ROW_BYTES) return WIDE_GROUP;
+  if (row_bytes >= ROW_BY_ROW_BYTES) return 1;
+  return row_bytes <= 64 ? 16 : (row_bytes <= 128 ? 8 : 4);
+}
 
 // The first row after sample n's start whose segment differs from s (sample n's), at most `limit`.
 inline i64 segment_end(const Geo& g, i64 n, i64 s, i64 limit) {
@@ -279,7 +300,6 @@ void walk_rows(const Geo& g, i64 r0, i64 r1, i64 w, i64 bytes_per_value, Policy&
   const i64 slots = scatter ? G : 1;
   acc.reserve(slots);
   std::vector<i64> rows_in(slots, 0), owner(slots, -1), touched;
-  const int group = bytes_per_value * w >= 2048 ? WIDE_GROUP : GROUP;
   for (i64 r = r0; r < r1;) {
     const i64 n = g.ids ? r / g.L : 0, s = seg_of(g, n), sl = scatter ? s : 0;
     if (owner[sl] != s) {
@@ -289,7 +309,7 @@ void walk_rows(const Geo& g, i64 r0, i64 r1, i64 w, i64 bytes_per_value, Policy&
       owner[sl] = s;
       acc.begin(sl, s);
     }
-    const i64 room = std::min<i64>(group, BLOCK_ROWS - rows_in[sl]);
+    const i64 room = std::min<i64>(GROUP, BLOCK_ROWS - rows_in[sl]);
     const i64 k = segment_end(g, n, s, std::min(r1, r + room)) - r;
     acc.add(sl, s, r, static_cast<int>(k), g.mask ? g.mask + r : nullptr);
     rows_in[sl] += k;
@@ -376,6 +396,73 @@ inline void grad_group_masked(const T* gv, const T* xv, i64 C, i64 w, const T* s
   }
 }
 
+// k consecutive rows added to the statistics' partial sums, R at a time (group_rows), the rest (and
+// all of them when R is 1) one by one; masked-out rows cleared or skipped.
+template <int R, class T>
+inline int shifted_rows(const T* v, i64 C, i64 w, const T* K, const u8* m, int k, T* a1, T* a2) {
+  int i = 0;
+  if (m)
+    for (; i + R <= k; i += R) shifted_group_masked<R>(v + i * C, C, w, K, m + i, a1, a2);
+  else
+    for (; i + R <= k; i += R) shifted_group<R>(v + i * C, C, w, K, a1, a2);
+  return i;
+}
+
+template <class T>
+inline void add_shifted(const T* v, i64 C, i64 w, const T* K, const u8* m, int k, int R, T* a1,
+                        T* a2) {
+  int i = 0;
+  if (R == 16)
+    i = shifted_rows<16>(v, C, w, K, m, k, a1, a2);
+  else if (R == 8)
+    i = shifted_rows<8>(v, C, w, K, m, k, a1, a2);
+  else if (R == 4)
+    i = shifted_rows<4>(v, C, w, K, m, k, a1, a2);
+  for (; i < k; ++i) {
+    if (m && !m[i]) continue;
+    const T* vi = v + i * C;
+#pragma omp simd
+    for (i64 c = 0; c < w; ++c) {
+      const T d = vi[c] - K[c];
+      a1[c] += d;
+      a2[c] += d * d;
+    }
+  }
+}
+
+// The same for the backward's sums of dy and dy * (x - shift).
+template <int R, class T>
+inline int grad_rows(const T* gv, const T* xv, i64 C, i64 w, const T* sh, const u8* m, int k, T* p,
+                     T* q) {
+  int i = 0;
+  if (m)
+    for (; i + R <= k; i += R) grad_group_masked<R>(gv + i * C, xv + i * C, C, w, sh, m + i, p, q);
+  else
+    for (; i + R <= k; i += R) grad_group<R>(gv + i * C, xv + i * C, C, w, sh, p, q);
+  return i;
+}
+
+template <class T>
+inline void add_grad(const T* gv, const T* xv, i64 C, i64 w, const T* sh, const u8* m, int k, int R,
+                     T* p, T* q) {
+  int i = 0;
+  if (R == 16)
+    i = grad_rows<16>(gv, xv, C, w, sh, m, k, p, q);
+  else if (R == 8)
+    i = grad_rows<8>(gv, xv, C, w, sh, m, k, p, q);
+  else if (R == 4)
+    i = grad_rows<4>(gv, xv, C, w, sh, m, k, p, q);
+  for (; i < k; ++i) {
+    if (m && !m[i]) continue;
+    const T *gi = gv + i * C, *xi = xv + i * C;
+#pragma omp simd
+    for (i64 c = 0; c < w; ++c) {
+      p[c] += gi[c];
+      q[c] += gi[c] * (xi[c] - sh[c]);
+    }
+  }
+}
+
 // The statistics: per slot, sums of deviations from the segment's shift K (shift + s * C + c0), merged
 // with Chan's formulas into seen[s] (this thread's counts), mean and m2 (row stride C).
 template <class T>
@@ -389,10 +476,12 @@ struct MomentsPolicy {
   std::vector<T> a1, a2;
   std::vector<double> kept;
   std::vector<char> fresh;  // run mode: the segment's first shift still to be taken
+  const int R;  // rows per visit of the partial sums
 
   MomentsPolicy(const T* x_, const Geo& g_, i64 c0_, i64 w_, double* seen_, double* mean_, double* m2_,
                 T* shift_)
-      : x(x_), g(g_), c0(c0_), w(w_), seen(seen_), mean(mean_), m2(m2_), shift(shift_) {}
+      : x(x_), g(g_), c0(c0_), w(w_), seen(seen_), mean(mean_), m2(m2_), shift(shift_),
+        R(group_rows(w_ * static_cast<i64>(sizeof(T)))) {}
 
   void reserve(i64 slots) {
     a1.assign(slots * w, T(0));
@@ -419,24 +508,10 @@ struct MomentsPolicy {
       fresh[sl] = 0;
     }
     T *p1 = a1.data() + sl * w, *p2 = a2.data() + sl * w;
-    if (k == GROUP && !m) {
+    if (k == GROUP && R == GROUP && !m)
       shifted_group<GROUP>(v, C, w, K, p1, p2);
-    } else if (k == WIDE_GROUP && !m) {
-      shifted_group<WIDE_GROUP>(v, C, w, K, p1, p2);
-    } else if (k == GROUP) {
-      shifted_group_masked<GROUP>(v, C, w, K, m, p1, p2);
-    } else {
-      for (int i = 0; i < k; ++i) {
-        if (m && !m[i]) continue;
-        const T* vi = v + i * C;
-#pragma omp simd
-        for (i64 c = 0; c < w; ++c) {
-          const T d = vi[c] - K[c];
-          p1[c] += d;
-          p2[c] += d * d;
-        }
-      }
-    }
+    else
+      add_shifted(v, C, w, K, m, k, R, p1, p2);
     kept[sl] += k_kept;
   }
   void flush(i64 sl, i64 s) {
@@ -557,7 +632,8 @@ void normalize(const T* x, T* y, const Geo& g, const T* shift, const T* delta, c
   const i64 C = g.C, L = g.L;
   if (g.layout == 0) {
     const i64 rows = g.N * C;
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows, g.threads))
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows, g.threads)) \
+    if (g.threads > 1)
     for (i64 row = 0; row < rows; ++row) {
       const i64 n = row / C, c = row % C, o = seg_of(g, n) * C + c;
       const T sh = shift[o], de = delta ? delta[o] : T(0), sc = scale[o], bi = bias ? bias[o] : T(0);
@@ -568,7 +644,8 @@ void normalize(const T* x, T* y, const Geo& g, const T* shift, const T* delta, c
     }
   } else {
     const i64 rows = g.N * L;
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows / 8 + 1, g.threads))
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows / 8 + 1, g.threads)) \
+    if (g.threads > 1)
     for (i64 r = 0; r < rows; ++r) {
       const i64 o = g.ids ? g.ids[r / L] * C : 0;
       const T *sh = shift + o, *sc = scale + o;
@@ -612,7 +689,8 @@ void apply(const T* a, const T* u, const T* b, const T* v, const T* s, const T* 
   const i64 C = g.C, L = g.L;
   if (g.layout == 0) {
     const i64 rows = g.N * C;
-  #pragma omp parallel for schedule(static) num_threads(threads_for(rows, g.threads))
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows, g.threads)) \
+    if (g.threads > 1)
     for (i64 row = 0; row < rows; ++row) {
       const i64 n = row / C, c = row % C, o = seg_of(g, n) * C + c, base = row * L;
       const T A = a ? a[o] : T(0), B = b ? b[o] : T(0), S = s ? s[o] : T(0), D = d ? d[o] : T(0);
@@ -657,7 +735,8 @@ void apply(const T* a, const T* u, const T* b, const T* v, const T* s, const T* 
     }
   } else {
     const i64 rows = g.N * L;
-#pragma omp parallel for schedule(static) num_threads(threads_for(rows / 8 + 1, g.threads))
+#pragma omp parallel for schedule(static) num_threads(threads_for(rows / 8 + 1, g.threads)) \
+    if (g.threads > 1)
     for (i64 r = 0; r < rows; ++r) {
       const i64 o = g.ids ? g.ids[r / L] * C : 0, base = r * C;
       const bool keep = !g.mask || g.mask[r];
@@ -742,10 +821,12 @@ struct SumsPolicy {
   double *sg, *sgx;
   std::vector<T> pp, pq;
   std::vector<char> used;
+  const int R;  // rows per visit of the partial sums
 
   SumsPolicy(const T* dy_, const T* x_, const T* shift_, const Geo& g_, i64 c0_, i64 w_, double* sg_,
              double* sgx_)
-      : dy(dy_), x(x_), shift(shift_), g(g_), c0(c0_), w(w_), sg(sg_), sgx(sgx_) {}
+      : dy(dy_), x(x_), shift(shift_), g(g_), c0(c0_), w(w_), sg(sg_), sgx(sgx_),
+        R(group_rows(w_ * static_cast<i64>(sizeof(T)))) {}
 
   void reserve(i64 slots) {
     pp.assign(slots * w, T(0));
@@ -757,23 +838,10 @@ struct SumsPolicy {
     const i64 C = g.C;
     const T *gv = dy + r * C + c0, *xv = x + r * C + c0, *sh = shift + s * C + c0;
     T *p = pp.data() + sl * w, *q = pq.data() + sl * w;
-    if (k == GROUP && !m) {
+    if (k == GROUP && R == GROUP && !m)
       grad_group<GROUP>(gv, xv, C, w, sh, p, q);
-    } else if (k == WIDE_GROUP && !m) {
-      grad_group<WIDE_GROUP>(gv, xv, C, w, sh, p, q);
-    } else if (k == GROUP) {
-      grad_group_masked<GROUP>(gv, xv, C, w, sh, m, p, q);
-    } else {
-      for (int i = 0; i < k; ++i) {
-        if (m && !m[i]) continue;
-        const T *gi = gv + i * C, *xi = xv + i * C;
-#pragma omp simd
-        for (i64 c = 0; c < w; ++c) {
-          p[c] += gi[c];
-          q[c] += gi[c] * (xi[c] - sh[c]);
-        }
-      }
-    }
+    else
+      add_grad(gv, xv, C, w, sh, m, k, R, p, q);
     used[sl] = 1;
   }
   void flush(i64 sl, i64 s) {
@@ -1127,7 +1195,8 @@ void running_update(P* rm, P* rv, i64 buffer_rows, i64 C, i64 G, const double* c
 
 // One training forward: moments of the statistics' source, the count check, the running update, the
 // normalized output. Returns 0; -2 (nothing written but the moments) when `check` finds a segment of at
-// most one value (check 1: every segment; check 2: every segment that has values, e.g. domains).
+// most one value (check 1: every segment; check 2: every segment that has values, e.g. domains); -3
+// (likewise) when a mean is not finite.
 template <class T>
 int forward(const T* x, const T* source, T* y, const Geo& g, double* count, double* mean, double* m2,
             double eps, const T* weight, i64 weight_rows, const T* bias, i64 bias_rows, T* rm, T* rv,
@@ -1136,6 +1205,8 @@ int forward(const T* x, const T* source, T* y, const Geo& g, double* count, doub
   if (check)
     for (i64 s = 0; s < g.G; ++s)
       if (count[s] <= 1 && (check == 1 || count[s] > 0)) return -2;
+  for (i64 o = 0; o < g.G * g.C; ++o)  // inf or NaN values: the caller completes the step (torch's means)
+    if (!std::isfinite(mean[o])) return -3;
   if (rm) running_update(rm, rv, buffer_rows, g.C, g.G, count, mean, m2, momentum, momentum_rows);
   normalize_stats(x, y, g, count, mean, m2, g.G, eps, weight, weight_rows, bias, bias_rows);
   return 0;
@@ -1198,8 +1269,10 @@ FLEXBN_DEFINE(f32, float)
 FLEXBN_DEFINE(f64, double)
 
 // The operations on the statistics currency (see above), behind the same guard. forward returns
-// COUNTS (a result, not an error) when its count check finds a segment of at most one value.
-constexpr int COUNTS = 1;
+// results that are not errors: COUNTS when its count check finds a segment of at most one value,
+// NONFINITE when a mean is not finite (the input holds inf or NaN); in both cases only the moments are
+// written.
+constexpr int COUNTS = 1, NONFINITE = 2;
 
 #define FLEXBN_DEFINE_OPS(SUFFIX, T)                                                                \
   FLEXBN_EXPORT int flexbn_normalize_stats_##SUFFIX(                                               \
@@ -1240,7 +1313,7 @@ constexpr int COUNTS = 1;
           rc = forward(x, source, y, g, count, mean, m2, eps, weight, weight_rows, bias,           \
                        bias_rows, rm, rv, buffer_rows, momentum, momentum_rows, check);            \
         });                                                                                        \
-    return code != OK ? code : (rc != 0 ? COUNTS : OK);                                            \
+    return code != OK ? code : (rc == -2 ? COUNTS : rc == -3 ? NONFINITE : OK);                   \
   }                                                                                                \
   FLEXBN_EXPORT int flexbn_backward_local_##SUFFIX(                                                \
       const T* dy, const T* x, const T* z, T* gx, T* gz, GEO_ARGS, const double* count,            \

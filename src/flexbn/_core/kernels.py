@@ -39,6 +39,10 @@ __all__ = [
 
 _F64 = torch.float64
 _KERNEL_DTYPES = (torch.float32, torch.float64)
+GRAIN = 1 << 15
+"""Values per thread below which a call takes fewer threads (torch's own grain,
+``at::internal::GRAIN_SIZE``): waking a thread for a smaller share costs more than it saves, and on a
+busy machine much more."""
 _PLAIN = (Tensor, torch.nn.Parameter)
 _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
@@ -100,7 +104,10 @@ class _Geo:
             if mask.dtype != torch.bool or not mask.is_contiguous():
                 mask = mask.to(torch.bool).contiguous()
         self.g = 1 if ids is None else seg.num
-        self.args = [n, c, length, layout, ids, self.g, mask, torch.get_num_threads()]
+        threads = torch.get_num_threads()
+        if threads > 1:
+            threads = max(1, min(threads, n * c * length // GRAIN))
+        self.args = [n, c, length, layout, ids, self.g, mask, threads]
 
     def like(self, t: Tensor) -> Tensor:
         """``t`` in the kernels' dtype and this layout (a copy only where needed)."""
@@ -149,6 +156,8 @@ def moments(x: Tensor, seg: Segments = WHOLE) -> Moments:
     geo = _Geo(x, seg)
     m = _new_tables(geo.g, x.shape[1])
     native.call("moments", geo.cdt, geo.x, *geo.args, *m)
+    if not bool(torch.isfinite(m.mean).all()):
+        m = reference.finite_means(geo.x, seg, m)
     return m
 
 
@@ -233,6 +242,11 @@ def forward(
     )
     if rc == native.COUNTS:
         return None, m
+    if rc == native.NONFINITE:  # inf/NaN input: torch's means, then the rest of the step
+        m = reference.finite_means(src, seg, m)
+        if running is not None:
+            running_update(*running, m, momentum)
+        return normalize(x, weight, bias, m, eps, seg), m
     return (y if y.dtype == x.dtype else y.to(x.dtype)), m
 
 
@@ -303,8 +317,12 @@ def backward(
     gx = geo.empty() if need_input else None
     gz = geo.empty() if (need_z and zk is not None and (grad_mean or grad_var)) else None
     c = x.shape[1]
-    gw = torch.empty(w_rows, c, dtype=geo.cdt) if (need_weight and weight is not None) else None
-    gb = torch.empty(bias_rows, c, dtype=geo.cdt) if need_bias else None
+    # (C,) for a (C,) parameter: the kernel writes rows * C values either way
+    gw = gb = None
+    if need_weight and weight is not None:
+        gw = torch.empty(c if weight.dim() == 1 else (w_rows, c), dtype=geo.cdt)
+    if need_bias:
+        gb = torch.empty(c if bias_rows == 1 else (bias_rows, c), dtype=geo.cdt)
     tensors = [gk, geo.x, zk, gx, gz, *geo.args, *_stats(m), float(eps), w, w_rows]
     outputs = [int(grad_mean), int(grad_var), gw, gb, bias_rows]
     if sums is None:  # this process's sums, formed in the same call
@@ -315,8 +333,4 @@ def backward(
         gx = gx.to(x.dtype)
     if gz is not None and z is not None:
         gz = gz.to(z.dtype).contiguous(memory_format=reference.memory_format(z))
-    if gw is not None and weight is not None and weight.dim() == 1:
-        gw = gw.reshape(c)
-    if gb is not None and bias_rows == 1:
-        gb = gb.reshape(c)
     return gx, gw, gb, gz

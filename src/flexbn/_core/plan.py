@@ -62,6 +62,10 @@ class Plan(NamedTuple):
     renorm: tuple[float | Tensor, float | Tensor] | None = None
     counts_from: str | None = None
     standard: bool = True
+    calls: int = 0  # a synchronised layer's call counter (checked against the other ranks')
+
+
+_is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() less its TorchScript check
 
 
 def traced_quietly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -72,7 +76,7 @@ def traced_quietly(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def run(*args: Any, **kwargs: Any) -> Any:
-        if not torch.jit.is_tracing():
+        if not _is_tracing():
             return fn(*args, **kwargs)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
@@ -103,8 +107,10 @@ def build(
     rmax: float | Tensor = _RMAX,
     dmax: float | Tensor = _DMAX,
     domain: tuple[Tensor, int] | None = None,
+    calls: int = 0,
 ) -> Plan:
-    """Validate a call and describe it. ``domain``: ``(ids, num_domains)`` of a ``DomainBatchNorm``."""
+    """Validate a call and describe it. ``domain``: ``(ids, num_domains)`` of a ``DomainBatchNorm``;
+    ``calls``: a synchronised layer's call counter."""
     if process_group is not None and virtual_batch_size is not None:
         raise ValueError(
             "virtual_batch_size cannot be combined with process_group: ghost batches are chunks of one "
@@ -170,6 +176,7 @@ def build(
         limits,
         counts_from if training else None,
         standard=standard,
+        calls=calls,
     )
 
 
@@ -202,12 +209,13 @@ def check_inputs(
         raise TypeError(
             f"batch_norm(): argument 'training' (position 6) must be bool, not {type(training).__name__}"
         )
-    if not isinstance(momentum, (Real, Tensor)):
+    # a float first: isinstance against the abstract Real costs a microsecond
+    if type(momentum) is not float and not isinstance(momentum, (Real, Tensor)):
         raise TypeError(
             "batch_norm(): argument 'momentum' (position 7) must be float, "
             f"not {type(momentum).__name__}"
         )
-    if not isinstance(eps, (Real, Tensor)):
+    if type(eps) is not float and not isinstance(eps, (Real, Tensor)):
         raise TypeError(
             f"batch_norm(): argument 'eps' (position 8) must be float, not {type(eps).__name__}"
         )

@@ -138,7 +138,18 @@ def moments(x: Tensor, seg: Segments = WHOLE) -> Moments:
         x, seg, count.clamp_min(1).unsqueeze(1).to(compute_dtype(x.dtype))
     )
     mean = shift.to(tdt) + delta.to(tdt)
-    return Moments(count, mean, var.to(tdt) * count.unsqueeze(1))
+    m = Moments(count, mean, var.to(tdt) * count.unsqueeze(1))
+    if readable(mean) and not bool(torch.isfinite(mean).all()):
+        m = finite_means(x, seg, m)
+    return m
+
+
+def finite_means(x: Tensor, seg: Segments, m: Moments) -> Moments:
+    """``m`` with each mean that is not finite replaced by the plain ``sum / count`` of its values, as
+    torch computes it: ``+inf`` where the values hold ``+inf`` alone, NaN where they hold NaN or both
+    infinities (a shifted sum gives NaN for both). The variance stays NaN, as torch's."""
+    plain = reduce(x.to(m.mean.dtype), seg) / m.count.clamp_min(1).unsqueeze(1)
+    return m._replace(mean=torch.where(torch.isfinite(m.mean), m.mean, plain))
 
 
 def _scale(invstd: Tensor, weight: Tensor | None) -> Tensor:

@@ -55,15 +55,22 @@ _STASH: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def recomputing() -> bool:
-    """Whether this forward is a recomputation: it runs inside a backward pass of the autograd engine.
+    """Whether this forward is a recomputation: it runs inside a backward pass of the autograd engine,
+    with grad mode on.
 
     Activation checkpointing -- ``torch.utils.checkpoint`` reentrant or not, and the reentrant schemes of
-    DeepSpeed, Megatron or fairscale -- reruns a forward from the engine; a training forward has no other
-    reason to run there. The engine's graph-task id (what ``torch.utils.checkpoint`` itself reads) is a
-    thread-local read: no host synchronisation. Never under ``torch.compile``, where checkpointed regions
-    are recomputed inside the compiled backward graph, which does not replay buffer mutations.
+    DeepSpeed, Megatron or fairscale -- reruns a forward from the engine to rebuild a graph, so with grad
+    enabled; a forward that runs in a backward hook runs with grad disabled (unless the backward itself
+    builds a graph, ``create_graph=True``), and updates the running statistics as torch's does. The
+    engine's graph-task id (what ``torch.utils.checkpoint`` itself reads) is a thread-local read: no host
+    synchronisation. Never under ``torch.compile``, where checkpointed regions are recomputed inside the
+    compiled backward graph, which does not replay buffer mutations.
     """
-    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._current_graph_task_id() != -1
+        and torch.is_grad_enabled()
+    )
 
 
 def _may_be_recomputed() -> bool:

@@ -19,15 +19,16 @@ Backward: the per-(segment, channel) sums ``sum(dy)`` and ``sum(dy * (x - mean))
 with one ``all_reduce``; weight and bias gradients stay local, as in ``torch.nn.SyncBatchNorm``
 (``DistributedDataParallel`` averages them).
 
-Ranks that disagree about the configuration (channel count, dtype, ``eps``, detach flags, what selects the
-statistics) see each other's headers and raise the same ``ValueError`` on every rank -- provided the packets
-have the same size; a different channel count changes the size, which gloo reports by aborting and NCCL by
-hanging until the group's timeout (``TORCH_DISTRIBUTED_DEBUG=DETAIL`` turns both into a clear error).
+A first, fixed-size exchange carries every rank's header: the configuration (channel count, dtype, ``eps``,
+detach flags, what selects the statistics, momentum, batch renormalization's limits), the layer's call
+counter and the number of local bags. Ranks that disagree about any of it -- a different channel count
+too, or a rank that skipped a call of the layer after catching an error -- raise the same ``ValueError`` on
+every rank before the tables, whose size depends on the configuration, are exchanged.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -36,13 +37,24 @@ from torch import Tensor
 from .segments import Segments
 from .stats import Moments, combine, table_dtype
 
-_VERSION = 1.0
-_FIELDS = ("protocol version", "channels", "options", "eps", "dtype", "local segments")
+_VERSION = 2.0
+_FIELDS = (
+    "protocol version",
+    "channels",
+    "options",
+    "eps",
+    "dtype",
+    "momentum",
+    "renorm rmax",
+    "renorm dmax",
+    "layer call",
+    "local segments",  # last: bags may differ between ranks
+)
 _HEADER = len(_FIELDS)
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
-# Bits of the header's options field (detach_mean 1, detach_var 2, stats_input 4, mask, groups).
-MASK, GROUPS = 8, 16
+# Bits of the header's options field (detach_mean 1, detach_var 2, stats_input 4, mask, groups, renorm).
+MASK, GROUPS, RENORM = 8, 16, 64
 _HUGE_IDS = 32  # not a configuration: this rank has bag ids that float64 cannot carry exactly
 
 
@@ -89,15 +101,32 @@ def _check_headers(headers: Tensor, groups: bool) -> None:
                 values = [str(_DTYPES[int(v)]) for v in values]
             elif field == "options":
                 values = [_options_text(int(v)) for v in values]
+            elif field in ("channels", "layer call", "local segments"):
+                values = [int(v) for v in values]
+            why = "every rank must call the layer with the same configuration"
+            if field == "layer call":
+                why = (
+                    "the ranks are at different calls of this layer: a rank skipped a call (for instance "
+                    "after catching an error) and would pair its collectives with another step's"
+                )
             raise ValueError(
                 f"flexbn sync batch norm: the ranks of the process group disagree on the {field} "
-                f"(per rank: {values}); every rank must call the layer with the same configuration"
+                f"(per rank: {values}); {why}"
             )
 
 
 def _options_text(bits: int) -> str:
-    names = ("detach_mean", "detach_var", "stats_input", "mask", "groups")
-    return "{" + ", ".join(n for i, n in enumerate(names) if bits & (1 << i)) + "}"
+    names = ("detach_mean", "detach_var", "stats_input", "mask", "groups", "", "renorm")
+    return "{" + ", ".join(n for i, n in enumerate(names) if n and bits & (1 << i)) + "}"
+
+
+class Settings(NamedTuple):
+    """What every rank must agree on beyond the statistics' configuration."""
+
+    momentum: float = 0.0
+    rmax: float = 0.0  # 0: no batch renormalization
+    dmax: float = 0.0
+    call: int = 0  # the layer's call counter (0 for the functional form)
 
 
 def exchange(
@@ -106,11 +135,16 @@ def exchange(
     x: Tensor,
     eps: float,
     flags: tuple[bool, bool, bool],
+    settings: Settings = Settings(),  # noqa: B008 (an immutable tuple)
 ) -> tuple[Moments, Segments]:
     """Global moments and segments from this rank's local ones (``seg.group`` is the process group;
     ``m is None``: this rank's batch is empty).
 
-    ``flags``: ``(detach_mean, detach_var, stats_input given)``, which every rank must agree on.
+    ``flags``: ``(detach_mean, detach_var, stats_input given)``. A first exchange of fixed size carries
+    every rank's header -- the configuration (channels, options, eps, dtype, momentum, renorm limits), the
+    layer's call counter and its number of local segments -- so that any disagreement, a different channel
+    count included, raises the same ``ValueError`` on every rank before the tables (whose size depends on
+    them) are exchanged.
 
     ``seg.keys`` (bags only) are the local segments' ids; the returned segments index the sorted global ids.
     Raises ``ValueError`` on every rank when a global segment has a single value per channel in training.
@@ -119,7 +153,7 @@ def exchange(
     tdt = table_dtype(x.device)
     bags = seg.keys is not None
     options = sum(bit for bit, on in zip((1, 2, 4), flags, strict=True) if on)
-    options += MASK * (seg.mask is not None) + GROUPS * bags
+    options += MASK * (seg.mask is not None) + GROUPS * bags + RENORM * (settings.rmax > 0)
     if bags and bool((seg.keys.abs() > 2**53).any()):
         options += _HUGE_IDS  # told to every rank in the first exchange, so that every rank raises
     local = seg.num if bags else 1  # a rank with an empty batch sends a row with count 0
@@ -132,42 +166,49 @@ def exchange(
         mean = torch.where(present, m.mean.to(tdt), 0)
         rows = torch.cat([count, mean, torch.where(present, m.m2.to(tdt), 0)], 1)
     header = torch.tensor(
-        [_VERSION, channels, options, eps, _DTYPES.index(x.dtype), local],
+        [
+            _VERSION,
+            channels,
+            options,
+            eps,
+            _DTYPES.index(x.dtype),
+            settings.momentum,
+            settings.rmax,
+            settings.dmax,
+            settings.call,
+            local,
+        ],
         dtype=tdt,
         device=x.device,
     )
+    headers = _gather(header, group)
+    huge = (headers[:, _FIELDS.index("options")].long() & _HUGE_IDS).nonzero().flatten()
+    if huge.numel():
+        raise ValueError(
+            "groups ids must lie in [-2**53, 2**53] to be exchanged between ranks, but rank(s) "
+            f"{huge.tolist()} of the process group have larger ones"
+        )
+    _check_headers(headers, groups=bags)
     width = 1 + 2 * channels
     if bags:
-        # First exchange: headers only (same size as the plain packet), to agree on the table size.
-        first = torch.cat([header, header.new_zeros(width)])
-        headers = _gather(first, group)[:, :_HEADER]
-        huge = (headers[:, _FIELDS.index("options")].long() & _HUGE_IDS).nonzero().flatten()
-        if huge.numel():
-            raise ValueError(
-                "groups ids must lie in [-2**53, 2**53] to be exchanged between ranks, but rank(s) "
-                f"{huge.tolist()} of the process group have larger ones"
-            )
-        _check_headers(headers, groups=True)
+        # Bag tables padded to the largest rank's, with their global ids.
         most = int(headers[:, -1].max().item())
         keys = seg.keys.to(tdt)
         packet = torch.cat(
             [
-                header,
                 torch.cat([keys, keys.new_zeros(most - local)]),
                 torch.cat([rows, rows.new_zeros((most - local, width))]).reshape(-1),
             ]
         )
         gathered = _gather(packet, group)
-        valid = torch.arange(most, device=x.device) < gathered[:, _HEADER - 1 : _HEADER]
-        all_keys = gathered[:, _HEADER : _HEADER + most][valid]
-        all_rows = gathered[:, _HEADER + most :].reshape(len(gathered), most, width)[valid]
+        valid = torch.arange(most, device=x.device) < headers[:, -1:]
+        all_keys = gathered[:, :most][valid]
+        all_rows = gathered[:, most:].reshape(len(gathered), most, width)[valid]
         global_keys = torch.unique(all_keys)
         index = torch.searchsorted(global_keys, all_keys)
         num = global_keys.numel()
     else:
-        gathered = _gather(torch.cat([header, rows.reshape(-1)]), group)
-        _check_headers(gathered[:, :_HEADER], groups=False)
-        all_rows = gathered[:, _HEADER:]
+        all_rows = _gather(rows.reshape(-1), group)
         index, num = torch.zeros(all_rows.shape[0], dtype=torch.long, device=x.device), 1
 
     parts = Moments(all_rows[:, 0], all_rows[:, 1 : 1 + channels], all_rows[:, 1 + channels :])
