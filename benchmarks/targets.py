@@ -167,6 +167,21 @@ def _per_call(variant: str, pass_: str) -> Callable[[list[Row]], list[tuple[floa
     return pick
 
 
+def _spread(rows: list[Row]) -> list[tuple[float, str, str]]:
+    """How far flexbn's ratio to native moves between process runs: (highest - lowest) / median."""
+    return [
+        ((r.ratio_native_hi - r.ratio_native_lo) / r.ratio_native, f"{_where(r)} {r.pass_}", _range(r))
+        for r in _layer(rows)
+        if r.candidate == "flexbn"
+        and r.metric == "time"
+        and r.pass_ in ("fwd+bwd", "eval")
+        and r.runs >= 2
+        and r.ratio_native
+        and r.ratio_native_lo is not None
+        and r.ratio_native_hi is not None
+    ]
+
+
 def _model(pass_: str) -> Callable[[list[Row]], list[tuple[float, str, str]]]:
     def pick(rows: list[Row]) -> list[tuple[float, str, str]]:
         return [
@@ -183,34 +198,63 @@ def _model(pass_: str) -> Callable[[list[Row]], list[tuple[float, str, str]]]:
 
 
 RULES = (
-    _Rule("standard fwd+bwd / native, NCHW and (N,C,L)", "issue 12", 0.7, _standard_vs_native(True)),
+    _Rule("standard fwd+bwd / native, NCHW and (N,C,L)", "issue 17", 0.6, _standard_vs_native(True)),
     _Rule(
         "standard fwd+bwd / native, channels_last and (N,C)",
-        "issue 12",
+        "issue 17",
         1.0,
         _standard_vs_native(False),
     ),
     _Rule("variant fwd+bwd / flexbn standard", "issue 12", 1.25, _variants("ratio_standard")),
     _Rule("variant fwd+bwd / eager composition", "issue 12", 1 / 3, _variants("ratio_composition")),
-    _Rule("eval / native", "issue 12", 1.1, _eval),
+    _Rule("eval / native", "issue 17", 1.05, _eval),
+    _Rule("run-to-run spread of fwd+bwd and eval / native, (max - min) / median", "issue 17", 0.15, _spread),
     _Rule("saved for backward: extra bytes per channel beyond the inputs", "issue 12", 1024.0, _saved),
     _Rule("peak memory fwd+bwd / native, every variant but stats_input", "issue 17", 1.25, _peak("fwd+bwd")),
     _Rule("peak memory eval / native, every variant but stats_input", "issue 17", 1.25, _peak("eval")),
-    _Rule("per call (8,16,4,4) auto standard fwd+bwd / native", "bench", 1.25, _per_call("standard", "fwd+bwd")),
-    _Rule("per call (8,16,4,4) auto standard eval / native", "bench", 1.25, _per_call("standard", "eval")),
+    _Rule("per call (8,16,4,4) auto standard fwd+bwd / native", "issue 12", 1.5, _per_call("standard", "fwd+bwd")),
+    _Rule("per call (8,16,4,4) auto standard eval / native", "issue 12", 1.2, _per_call("standard", "eval")),
     _Rule("per call (8,16,4,4) auto detach_var fwd+bwd / native", "bench", 2.0, _per_call("detach_var", "fwd+bwd")),
-    _Rule("model training step / torch's", "bench", 1.0, _model("step")),
-    _Rule("model inference / torch's", "bench", 1.0, _model("inference")),
+    _Rule("model training step / torch's", "issue 12", 0.95, _model("step")),
+    _Rule("model inference / torch's", "issue 12", 1.0, _model("inference")),
 )  # fmt: skip
-"""The targets, in order. The per-call and model limits are this script's: the rows were asked for
-without a number. Per call, the default backend (``auto``, judged alone there) is held to torch's cost
-plus a quarter where it runs torch's own batch norm, a variant on flexbn's path to twice torch's; a model
-is held to its speed with torch's ``BatchNorm2d``."""
+"""The CPU targets, in order. The per-call limit for a variant is this script's (the rows were asked for
+without a number): twice torch's cost. The spread is judged on runs of the same build in separate
+processes (``flexbn bench --runs N``); with one run there is nothing to judge."""
+
+GPU_PER_CALL_SHAPE = "8x16x14x14"
+"""The small shape of the GPU check (``benchmarks/gpu_check.py``), where a call's time is its fixed cost."""
 
 
-def targets(rows: Iterable[Row]) -> list[Target]:
-    """Check every target on ``rows`` (combined over runs), per flexbn backend; targets without rows are
-    left out.
+def _gpu_per_call(rows: list[Row]) -> list[tuple[float, str, str]]:
+    return [
+        (r.ratio_native, _where(r), _range(r))
+        for r in rows
+        if r.shape == GPU_PER_CALL_SHAPE
+        and r.candidate == "flexbn"
+        and r.metric == "time"
+        and r.pass_ in ("fwd+bwd", "eval")
+        and r.ratio_native is not None
+    ]
+
+
+GPU_RULES = (
+    _Rule("variant fwd+bwd / torch's standard path (cuDNN)", "issue 15", 1.25, _variants("ratio_native")),
+    _Rule(
+        "standard fwd+bwd / native (auto runs torch's op)",
+        "issue 15",
+        1.05,
+        lambda rows: _standard_vs_native(True)(rows) + _standard_vs_native(False)(rows),
+    ),
+    _Rule(f"per call ({GPU_PER_CALL_SHAPE}) fwd+bwd and eval / native", "issue 15", 1.5, _gpu_per_call),
+    _Rule("saved for backward: extra bytes per channel beyond the inputs", "issue 15", 1024.0, _saved),
+)  # fmt: skip
+"""The GPU targets (rows of ``flexbn.bench.run(device="cuda")``, as ``benchmarks/gpu_check.py`` writes)."""
+
+
+def targets(rows: Iterable[Row], rules: Sequence[_Rule] = RULES) -> list[Target]:
+    """Check every target of ``rules`` (:data:`RULES`, or :data:`GPU_RULES` for CUDA rows) on ``rows``
+    (combined over runs), per flexbn backend; targets without rows are left out.
 
     >>> targets([])
     []
@@ -219,7 +263,7 @@ def targets(rows: Iterable[Row]) -> list[Target]:
     found: list[Target] = []
     for backend in dict.fromkeys(r.backend for r in combined if r.candidate == "flexbn"):
         mine = [r for r in combined if r.backend == backend]  # flexbn's rows carry their ratios
-        for rule in RULES:
+        for rule in rules:
             picked = rule.pick(mine)
             if picked:
                 worst, where, spread = max(picked)

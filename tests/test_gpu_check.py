@@ -67,6 +67,7 @@ def test_bench_plan_covers_the_targets(gpu_check: ModuleType) -> None:
     first = gpu_check.BENCH_PLAN[:4]
     assert {s for s, _ in first} == {"32x64x56x56", "64x256x14x14"}
     assert {d for _, d in first} == {"float32", "bfloat16"}
+    assert gpu_check.BENCH_PLAN[-1][0] == gpu_check._targets().GPU_PER_CALL_SHAPE  # its per-call rows
     for shape, dtype in gpu_check.BENCH_PLAN:
         bench.Shape.parse(shape)
         assert isinstance(getattr(torch, dtype), torch.dtype)
@@ -93,3 +94,28 @@ def test_model_is_resnet_like(gpu_check: ModuleType) -> None:
     x = torch.randn(4, 3, 16, 16)
     for model in (net, converted):
         model(x).sum().backward()
+
+
+def test_bench_step_writes_rows_and_targets(
+    gpu_check: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bench step's own code (the bench's rows written after every block, the project's targets
+    judged on them) runs here on rows the CPU measures in place of CUDA's."""
+    rows = bench.run(["16x4"], variants=["detach_var"], passes=["fwd+bwd"], quick=True)
+    calls: list[dict[str, object]] = []
+
+    def fake_run(shapes: list[str], **kwargs: object) -> list[bench.Row]:
+        calls.append({"shapes": shapes, **kwargs})
+        return rows
+
+    monkeypatch.setattr(bench, "run", fake_run)
+    args = gpu_check.parse_args(["--steps", "bench"])
+    result = gpu_check.bench(args, tmp_path, seconds=60.0)
+    assert result["ok"]
+    assert [c["shapes"] for c in calls] == [[s] for s, _ in gpu_check.BENCH_PLAN]
+    assert all(c["device"] == "cuda" for c in calls)
+    assert len(bench.read_json(tmp_path / "rows.json")) == len(rows) * len(gpu_check.BENCH_PLAN)
+    text = (tmp_path / "bench.md").read_text(encoding="utf-8")
+    assert "detach_var" in text
+    judged = [line for line in text.splitlines() if line.startswith(("met ", "NOT MET "))]
+    assert result["targets"] == len(judged) > 0
