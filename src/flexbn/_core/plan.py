@@ -65,7 +65,13 @@ class Plan(NamedTuple):
     calls: int = 0  # a synchronised layer's call counter (checked against the other ranks')
 
 
-_is_tracing = torch._C._is_tracing  # torch.jit.is_tracing() less its TorchScript check
+_jit_tracing = torch._C._is_tracing  # torch.jit.is_tracing() less its TorchScript check
+
+
+def _is_tracing() -> bool:
+    """Whether ``torch.jit.trace`` records this call (never under Dynamo, which cannot trace the C query
+    and folds ``torch.compiler.is_compiling()`` to a constant)."""
+    return not torch.compiler.is_compiling() and _jit_tracing()
 
 
 def traced_quietly(fn: Callable[..., Any]) -> Callable[..., Any]:
