@@ -311,8 +311,10 @@ def _targets() -> Any:
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("targets", ROOT / "benchmarks" / "targets.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules["targets"] = module  # its dataclasses look their module up by name
     spec.loader.exec_module(module)
     return module
 

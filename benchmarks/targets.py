@@ -170,7 +170,11 @@ def _per_call(variant: str, pass_: str) -> Callable[[list[Row]], list[tuple[floa
 def _spread(rows: list[Row]) -> list[tuple[float, str, str]]:
     """How far flexbn's ratio to native moves between process runs: (highest - lowest) / median."""
     return [
-        ((r.ratio_native_hi - r.ratio_native_lo) / r.ratio_native, f"{_where(r)} {r.pass_}", _range(r))
+        (
+            (r.ratio_native_hi - r.ratio_native_lo) / r.ratio_native,
+            f"{_where(r)} {r.pass_}",
+            _range(r),
+        )
         for r in _layer(rows)
         if r.candidate == "flexbn"
         and r.metric == "time"

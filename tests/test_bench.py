@@ -479,9 +479,9 @@ def test_targets(rows):
     std = row_like(base, variant="standard")
     peak = row_like(base, metric="peak", variant="mask")
     fake = [
-        row_like(std, ratio_native=0.65),
+        row_like(std, ratio_native=0.55),
         row_like(std, layout="channels_last", ratio_native=1.2),
-        # the standard path timed in the mask block: the median over blocks (0.65, 0.5, 0.9) counts
+        # the standard path timed in the mask block: the median over blocks (0.55, 0.5, 0.9) counts
         row_like(base, variant="mask", candidate="flexbn-standard", ratio_native=0.5),
         row_like(base, variant="groups", candidate="flexbn-standard", ratio_native=0.9),
         row_like(base, variant="mask", ratio_standard=1.3, ratio_composition=0.2),
@@ -510,7 +510,7 @@ def test_targets(rows):
     found = {(x.backend, x.name): x for x in targets.targets(fake)}
     got = {name: (x.met, round(x.worst, 2)) for (b, name), x in found.items() if b == "ref"}
     assert got == {
-        "standard fwd+bwd / native, NCHW and (N,C,L)": (True, 0.65),
+        "standard fwd+bwd / native, NCHW and (N,C,L)": (True, 0.55),
         "standard fwd+bwd / native, channels_last and (N,C)": (False, 1.2),
         "variant fwd+bwd / flexbn standard": (False, 1.3),
         "variant fwd+bwd / eager composition": (True, 0.3),
@@ -528,10 +528,35 @@ def test_targets(rows):
     other = found[("other", "standard fwd+bwd / native, NCHW and (N,C,L)")]
     assert (other.met, other.worst) == (False, 0.8)
     text = targets.format_targets(found.values())
-    assert "NOT MET  [ref] standard fwd+bwd / native, channels_last and (N,C) (issue 12)" in text
+    assert "NOT MET  [ref] standard fwd+bwd / native, channels_last and (N,C) (issue 17)" in text
     assert "| peak memory eval / native, every variant but stats_input | issue 17 | ref |" in (
         targets.markdown(found.values())
     )
+
+
+def test_spread_and_gpu_targets(rows):
+    """The run-to-run spread is judged on rows combined over process runs; the GPU rules on CUDA rows."""
+    targets = load_script("targets")
+    t = next(r for r in rows if r.candidate == "flexbn" and r.metric == "time")
+    base = row_like(t, shape="32x64x56x56", layout="contiguous", backend="cpp", variant="mask")
+    base = row_like(base, pass_="fwd+bwd", ratio_standard=None, ratio_composition=None)
+    runs = [row_like(base, run=i, median=m, ratio_native=m) for i, m in enumerate((1.0, 1.1, 1.3))]
+    (spread,) = [x for x in targets.targets(runs) if x.name.startswith("run-to-run")]
+    assert (spread.met, round(spread.worst, 2), spread.spread) == (False, 0.27, "1.00-1.30")
+    steady = [row_like(r, ratio_native=1.0 + 0.05 * r.run, median=1.0) for r in runs]
+    (spread,) = [x for x in targets.targets(steady) if x.name.startswith("run-to-run")]
+    assert spread.met
+    assert round(spread.worst, 2) == 0.1
+    gpu = [
+        row_like(base, ratio_native=1.2),  # a variant against cuDNN's standard path
+        row_like(base, shape="8x16x14x14", ratio_native=1.7),  # per call
+        row_like(base, shape="8x16x14x14", pass_="eval", ratio_native=1.1),
+    ]
+    found = {x.name: (x.met, round(x.worst, 2)) for x in targets.targets(gpu, targets.GPU_RULES)}
+    assert found == {
+        "variant fwd+bwd / torch's standard path (cuDNN)": (True, 1.2),
+        "per call (8x16x14x14) fwd+bwd and eval / native": (False, 1.7),
+    }
 
 
 def test_targets_script(rows, tmp_path, capsys):

@@ -3,6 +3,7 @@ without one -- its arguments, the steps it would run, the skip without a CUDA de
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -67,7 +68,9 @@ def test_bench_plan_covers_the_targets(gpu_check: ModuleType) -> None:
     first = gpu_check.BENCH_PLAN[:4]
     assert {s for s, _ in first} == {"32x64x56x56", "64x256x14x14"}
     assert {d for _, d in first} == {"float32", "bfloat16"}
-    assert gpu_check.BENCH_PLAN[-1][0] == gpu_check._targets().GPU_PER_CALL_SHAPE  # its per-call rows
+    assert (
+        gpu_check.BENCH_PLAN[-1][0] == gpu_check._targets().GPU_PER_CALL_SHAPE
+    )  # its per-call rows
     for shape, dtype in gpu_check.BENCH_PLAN:
         bench.Shape.parse(shape)
         assert isinstance(getattr(torch, dtype), torch.dtype)
@@ -101,7 +104,9 @@ def test_bench_step_writes_rows_and_targets(
 ) -> None:
     """The bench step's own code (the bench's rows written after every block, the project's targets
     judged on them) runs here on rows the CPU measures in place of CUDA's."""
+    small = gpu_check._targets().GPU_PER_CALL_SHAPE  # judged there: the per-call target
     rows = bench.run(["16x4"], variants=["detach_var"], passes=["fwd+bwd"], quick=True)
+    rows = [dataclasses.replace(r, shape=small) for r in rows]
     calls: list[dict[str, object]] = []
 
     def fake_run(shapes: list[str], **kwargs: object) -> list[bench.Row]:
