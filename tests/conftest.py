@@ -130,6 +130,7 @@ def _run_on_backend(request: pytest.FixtureRequest) -> Iterator[None]:
     name = None if callspec is None else callspec.params.get("flexbn_backend")
     if name is None:
         yield
+        flexbn.set_backend(None)  # a test's process-wide choice does not reach the next test
         return
     before = os.environ.get("FLEXBN_BACKEND")
     os.environ["FLEXBN_BACKEND"] = name

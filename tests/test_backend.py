@@ -323,3 +323,30 @@ def test_auto_leaves_other_devices_to_the_reference(monkeypatch: pytest.MonkeyPa
     assert backend.implementation("auto", _FakeCuda()) is reference
     assert backend.implementation("compiled", _FakeCuda()) is compiled.BACKEND
     assert backend.implementation("compiled", torch.empty(4, 3, device="meta")) is reference
+
+
+@pytest.mark.parametrize(
+    "options", [{}, {"detach_var": True}, {"renorm": True}], ids=["plain", "detach", "renorm"]
+)
+def test_functional_eval_is_torch_under_auto(
+    monkeypatch: pytest.MonkeyPatch, options: dict
+) -> None:
+    """``flexbn.batch_norm`` in eval with running statistics and no option statistics depend on hands the
+    call to torch's operator under ``auto`` (its fixed cost), bitwise; an explicit backend keeps flexbn's."""
+    import flexbn.functional as fn
+
+    calls = []
+    real = fn._torch_batch_norm
+    monkeypatch.setattr(fn, "_torch_batch_norm", lambda *a: calls.append(1) or real(*a))
+    x, rm, rv = torch.randn(6, 3, 5), torch.randn(3), torch.rand(3) + 0.5
+    w, b = torch.randn(3), torch.randn(3)
+    with flexbn.use_backend("auto"):
+        y = flexbn.batch_norm(x, rm, rv, w, b, False, **options)
+    assert len(calls) == (0 if options else 1)  # options: flexbn's own validation first
+    torch.testing.assert_close(
+        y, torch.nn.functional.batch_norm(x, rm, rv, w, b), rtol=0, atol=1e-6
+    )
+    calls.clear()
+    with flexbn.use_backend("reference"):
+        flexbn.batch_norm(x, rm, rv, w, b, False)
+    assert calls == []

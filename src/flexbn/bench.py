@@ -91,6 +91,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import flexbn
+from flexbn import spec
 
 __all__ = [
     "CANDIDATES",
@@ -313,25 +314,18 @@ def compose_renorm(
     """Batch renormalization (Ioffe 2017): the batch statistics corrected towards the running ones (before
     this step's update) by ``r`` and ``d``, which carry no gradient."""
     var, mean = torch.var_mean(x, _dims(x), correction=0, keepdim=True)
-    r, d = _renorm_corrections(mean, var, _per_channel(rm, x), _per_channel(rv, x), rmax, dmax)
+    r, d = _renorm_corrections(mean, var, _per_channel(rm, x), _per_channel(rv, x), EPS, rmax, dmax)
     n = x.numel() // x.shape[1]
     _update(rm, rv, mean, var * (n / (n - 1)))
     y = (x - mean) / torch.sqrt(var + EPS) * r + d
     return y * _per_channel(w, x) + _per_channel(b, x)
 
 
-@torch.compiler.disable
-def _renorm_corrections(
-    mean: Tensor, var: Tensor, rm: Tensor, rv: Tensor, rmax: float, dmax: float
-) -> tuple[Tensor, Tensor]:
-    """``r`` and ``d`` from the running statistics before the update. Outside any compiled graph: inside
-    one, AOTAutograd recomputes them in the backward from the buffers *after* the in-place update, which
-    gives wrong gradients (pytorch/pytorch#197039; flexbn reads the buffers through an opaque op)."""
-    with torch.no_grad():
-        sigma = torch.sqrt(rv + EPS)
-        r = (torch.sqrt(var + EPS) / sigma).clamp(1 / rmax, rmax)
-        d = ((mean - rm) / sigma).clamp(-dmax, dmax)
-    return r, d
+# ``r`` and ``d`` from the running statistics before the update (flexbn.spec's formula), outside any
+# compiled graph: inside one, AOTAutograd recomputes them in the backward from the buffers *after* the
+# in-place update, which gives wrong gradients (pytorch/pytorch#197039; flexbn reads the buffers through an
+# opaque op).
+_renorm_corrections = torch.compiler.disable(spec.renorm_corrections)
 
 
 def compose_eval(x: Tensor, w: Tensor, b: Tensor, rm: Tensor, rv: Tensor) -> Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor
 from torch.overrides import handle_torch_function, has_torch_function_variadic
 
@@ -16,6 +17,9 @@ from . import _core
 from ._core import plan as _plan
 
 __all__ = ["batch_norm"]
+
+_torch_batch_norm = torch.nn.functional.batch_norm
+_requested = _core.backend.requested
 
 
 def batch_norm(
@@ -158,6 +162,28 @@ def batch_norm(
             renorm=renorm,
             rmax=rmax,
             dmax=dmax,
+        )
+    if (
+        training is False
+        and running_mean is not None
+        and running_var is not None
+        and mask is None
+        and groups is None
+        and virtual_batch_size is None
+        and stats_input is None
+        and process_group is None
+        and renorm is False
+        and detach_mean is False
+        and detach_var is False
+        and type(rmax) is float
+        and rmax == 3.0
+        and type(dmax) is float
+        and dmax == 5.0
+        and type(momentum) is float
+        and (torch.compiler.is_compiling() or _requested() == "auto")
+    ):  # eval with running statistics and no option: torch's own operator, its checks and result
+        return _torch_batch_norm(
+            input, running_mean, running_var, weight, bias, False, momentum, eps
         )
     plan = _plan.build(
         input,
