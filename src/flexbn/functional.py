@@ -173,8 +173,8 @@ def batch_norm(
         and stats_input is None
         and process_group is None
         and renorm is False
-        and detach_mean is False
-        and detach_var is False
+        and type(detach_mean) is bool  # valid flags; they change nothing in eval
+        and type(detach_var) is bool
         and type(rmax) is float
         and rmax == 3.0
         and type(dmax) is float
