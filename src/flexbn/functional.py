@@ -176,9 +176,9 @@ def batch_norm(
         and type(detach_mean) is bool  # valid flags; they change nothing in eval
         and type(detach_var) is bool
         and type(rmax) is float
-        and rmax == 3.0
+        and rmax == _plan._RMAX  # other limits: the plan's checks first
         and type(dmax) is float
-        and dmax == 5.0
+        and dmax == _plan._DMAX
         and type(momentum) is float
         and (torch.compiler.is_compiling() or _requested() == "auto")
     ):  # eval with running statistics and no option: torch's own operator, its checks and result
